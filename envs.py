@@ -1,0 +1,425 @@
+"""The worlds of ETARL: task tables, the gridworld-pinpad environment and its expert (paper App. A, C.1.1).
+
+A pinpad world is a grid with O uniquely coloured cells and W wall cells. A task is a sequence of colours
+to visit in order, written "0-1-4-5-0-1". The grid tasks are built from colour pairs (0-1, 2-3, 4-5, 6-7):
+one pair is one abstract action, or subgoal, of the hierarchy the paper finds in the model's residual stream.
+
+Contents, in order: task tables and parsing, the observation, layout sampling, `GridPinpad` (a single
+gymnasium env), `GridPinpadVec` (N episodes stepped at once in numpy, used for data and evaluation),
+shortest-path distances and the expert. Cells are named by flat index `row * G + col` throughout.
+The ant-pinpad environment (same tasks logic on a MuJoCo ant) will live here too; its task tables already do.
+"""
+import gymnasium
+import numpy as np
+
+# ---------------------------------------------------------------- tasks (paper Tables A1, A2)
+GRID_PRETRAIN_TASKS: tuple[tuple[int, ...], ...] = (
+    (0, 1, 4, 5, 0, 1), (0, 1, 4, 5, 2, 3), (0, 1, 6, 7, 2, 3), (2, 3, 0, 1, 4, 5),
+    (2, 3, 6, 7, 2, 3), (2, 3, 6, 7, 4, 5), (4, 5, 0, 1, 4, 5), (4, 5, 0, 1, 6, 7),
+    (4, 5, 2, 3, 6, 7), (6, 7, 2, 3, 0, 1), (6, 7, 2, 3, 6, 7), (6, 7, 4, 5, 0, 1),
+    (0, 1, 6, 7, 4, 5), (2, 3, 0, 1, 6, 7), (4, 5, 2, 3, 0, 1), (6, 7, 4, 5, 2, 3),
+)
+GRID_POST_TASK = (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)  # pair 0-1 followed by 2-3 is never seen in pretraining
+ANT_PRETRAIN_TASKS: tuple[tuple[int, ...], ...] = (
+    (0, 3, 2), (1, 0, 3), (2, 1, 0), (3, 2, 1), (0, 2, 0), (0, 2, 1), (0, 3, 1), (1, 0, 2),
+    (1, 3, 1), (1, 3, 2), (2, 0, 2), (2, 0, 3), (2, 1, 3), (3, 1, 0), (3, 1, 3), (3, 2, 0),
+)
+ANT_POST_TASK = (0, 1, 2, 3)  # 0 followed by 1 never occurs in pretraining
+
+ACTIONS = ("up", "right", "down", "left")
+MOVES = np.array([[-1, 0], [0, 1], [1, 0], [0, -1]])  # (row, col) displacement of each action
+
+PALETTE = np.array([[230, 25, 75], [245, 130, 48], [255, 225, 25], [60, 180, 75],
+                    [70, 240, 240], [0, 130, 200], [145, 30, 180], [240, 50, 230]], np.uint8)
+
+
+def parse_task(task, num_colours: int = 8) -> tuple[int, ...]:
+    """Turn "0-1-2-3" or a sequence of ints into a tuple of colours, checking each is in [0, num_colours).
+
+    Strings are exactly integers joined by "-"; no whitespace is tolerated anywhere.
+    """
+    if isinstance(task, str):
+        parts = task.split("-")
+        if not all(p.isdigit() and p.isascii() for p in parts):
+            raise ValueError(f"malformed task {task!r}: expected non-negative integers joined by '-', e.g. '0-1-2'")
+        colours = tuple(int(p) for p in parts)
+    elif isinstance(task, (list, tuple, np.ndarray)):
+        if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in task):
+            raise ValueError(f"task {task!r} must contain only integers")
+        colours = tuple(int(c) for c in task)
+    else:
+        raise ValueError(f"task must be a string like '0-1-2' or a sequence of ints, got {type(task).__name__}")
+    if not colours:
+        raise ValueError("task is empty")
+    bad = [c for c in colours if not 0 <= c < num_colours]
+    if bad:
+        raise ValueError(f"task {format_task(colours)} has colours {bad} outside [0, {num_colours})")
+    return colours
+
+
+def format_task(task) -> str:
+    """(0, 1, 2) -> "0-1-2"."""
+    return "-".join(str(int(c)) for c in task)
+
+
+# ---------------------------------------------------------------- observation and dynamics (App. A.1)
+def grid_observation(agent, colour_cells, wall_cells, G: int = 7) -> np.ndarray:
+    """One-hot map of every object, flattened: float32 (..., C*G*G) with C = O + W + 1.
+
+    `obs.reshape(..., C, G, G)[..., c, :, :]` is colour c for c < O, wall c - O for O <= c < O + W (each wall
+    has its own identity, as in the paper's G^2 (W + O + 1) = 637 dims), and the agent in the last channel.
+    Inputs are flat cell indices and broadcast: agent (...,), colour_cells (..., O), wall_cells (..., W).
+    """
+    agent, colour_cells, wall_cells = (np.asarray(x) for x in (agent, colour_cells, wall_cells))
+    batch = np.broadcast_shapes(agent.shape, colour_cells.shape[:-1], wall_cells.shape[:-1])
+    cells = np.concatenate([np.broadcast_to(colour_cells, batch + colour_cells.shape[-1:]),
+                            np.broadcast_to(wall_cells, batch + wall_cells.shape[-1:]),
+                            np.broadcast_to(agent, batch)[..., None]], axis=-1)  # (..., C)
+    obs = np.zeros(cells.shape + (G * G,), np.float32)
+    np.put_along_axis(obs, cells[..., None], 1.0, axis=-1)
+    return obs.reshape(batch + (-1,))  # (..., C*G*G)
+
+
+def _move(agent, action, wall_cells, G: int):
+    """Cell reached by taking `action` from `agent`; off-grid or into a wall the agent stays (a no-op)."""
+    row, col = np.divmod(agent, G)
+    d_row, d_col = MOVES[action].T if np.ndim(action) else MOVES[action]
+    row, col = row + d_row, col + d_col
+    nxt = np.where((row >= 0) & (row < G) & (col >= 0) & (col < G), row * G + col, agent)
+    into_wall = (np.asarray(wall_cells) == np.asarray(nxt)[..., None]).any(-1)
+    return np.where(into_wall, agent, nxt)
+
+
+def _entered_colour(before, after, colour_cells):
+    """Colour id the agent stepped onto from another cell, else -1 (standing still on a colour is no visit)."""
+    on = np.asarray(colour_cells) == np.asarray(after)[..., None]  # (..., O)
+    return np.where(on.any(-1) & (np.asarray(before) != after), on.argmax(-1), -1)
+
+
+# ---------------------------------------------------------------- shortest paths
+def _neighbour_table(G: int) -> np.ndarray:
+    """(G*G, 4) flat index of each cell's neighbour along each action; G*G stands for 'off the grid'."""
+    row, col = np.divmod(np.arange(G * G), G)
+    row, col = row[:, None] + MOVES[:, 0], col[:, None] + MOVES[:, 1]
+    return np.where((row >= 0) & (row < G) & (col >= 0) & (col < G), row * G + col, G * G)
+
+
+def unreachable(G: int = 7) -> int:
+    """Distance given to cells from which the target cannot be reached (longer than any path)."""
+    return 4 * G * G
+
+
+def grid_distance_to(target_cells, blocked, G: int = 7) -> np.ndarray:
+    """Shortest-path distance in moves from every cell to a target, avoiding blocked cells: (N, G*G) int32.
+
+    Vectorised dynamic programming (breadth-first search over all N grids at once): target_cells (N,),
+    blocked (N, G*G) bool. Unreachable cells get `unreachable(G)`. A blocked cell's own distance is
+    1 + the minimum over its free neighbours (and the target): the agent may stand on a cell that is
+    blocked for others, e.g. the colour it has just visited, and still needs its distance home.
+    """
+    target_cells, chunk = np.asarray(target_cells), 4096
+    if len(target_cells) > chunk:  # in chunks that stay in cache, each iterating only until it converges
+        return np.concatenate([grid_distance_to(target_cells[i:i + chunk], blocked[i:i + chunk], G)
+                               for i in range(0, len(target_cells), chunk)])
+    N, far, nbr = len(target_cells), unreachable(G), _neighbour_table(G)
+    # Cell-major (G*G + 1, N) so that gathering a neighbour copies whole rows; the extra row is 'off grid'.
+    dist = np.full((G * G + 1, N), far, np.int32)
+    dist[target_cells, np.arange(N)] = 0
+    free = ~np.asarray(blocked, bool).T
+    free[target_cells, np.arange(N)] = True
+
+    def relax(d):  # 1 + min over the 4 neighbours, per cell
+        best = d[nbr[:, 0]]
+        for k in range(1, 4):
+            np.minimum(best, d[nbr[:, k]], out=best)
+        return np.minimum(best + 1, far)
+
+    for _ in range(G * G):
+        new = np.where(free, np.minimum(dist[:-1], relax(dist)), far)
+        if np.array_equal(new, dist[:-1]):
+            break
+        dist[:-1] = new
+    return np.where(free, dist[:-1], relax(dist)).T  # (N, G*G)
+
+
+def colour_distances(colour_cells, wall_cells, G: int = 7) -> np.ndarray:
+    """(..., O, G*G) distance from every cell to each colour, avoiding walls and every other colour."""
+    colour_cells, wall_cells = np.asarray(colour_cells), np.asarray(wall_cells)
+    batch, O = colour_cells.shape[:-1], colour_cells.shape[-1]
+    colour = np.zeros(batch + (O, G * G), bool)
+    np.put_along_axis(colour, colour_cells[..., None], True, axis=-1)
+    wall = np.zeros(batch + (G * G,), bool)
+    np.put_along_axis(wall, wall_cells, True, axis=-1)
+    blocked = wall[..., None, :] | (colour.any(-2, keepdims=True) & ~colour)  # (..., O, G*G)
+    dist = grid_distance_to(colour_cells.reshape(-1), blocked.reshape(-1, G * G), G)
+    return dist.reshape(batch + (O, G * G))
+
+
+# ---------------------------------------------------------------- episodes
+def sample_layout(rng: np.random.Generator, G: int = 7, O: int = 8, W: int = 4):
+    """Draw (agent_cell, colour_cells (O,), wall_cells (W,)): distinct cells, uniform, without overlap.
+
+    The paper is silent on solvability; without a check the expert fails on enclosed layouts. We
+    rejection-sample until every task is solvable: for every colour b, b can be reached from the start
+    cell and from every other colour cell by a path that avoids walls and every colour other than b
+    (the first cell of the path may be a colour). About 21% of uniform layouts are rejected (G, O, W = 7, 8, 4).
+    """
+    agent, colour_cells, wall_cells, _ = _sample_layouts([rng], G, O, W)
+    return int(agent[0]), colour_cells[0], wall_cells[0]
+
+
+def _sample_layouts(rngs, G: int, O: int, W: int, max_tries: int = 10_000):
+    """`sample_layout` for a list of generators, checking the candidates of all of them at once.
+
+    Each generator only ever makes its own episode's draws, in the same order as alone, so the
+    layout drawn from a generator does not depend on the others in the batch. Also returns the
+    `colour_distances` (N, O, G*G) of the layouts, which the check computes and the expert uses.
+    """
+    N, todo = len(rngs), np.arange(len(rngs))
+    cells, dist = np.empty((N, 1 + O + W), np.int64), np.empty((N, O, G * G), np.int32)
+    for _ in range(max_tries):
+        cells[todo] = [rngs[i].choice(G * G, size=1 + O + W, replace=False) for i in todo]
+        dist[todo] = colour_distances(cells[todo, 1:1 + O], cells[todo, 1 + O:], G)
+        sources = np.take_along_axis(dist[todo], cells[todo, None, :1 + O], axis=2)  # from start and each colour
+        todo = todo[~np.all(sources < unreachable(G), axis=(1, 2))]
+        if len(todo) == 0:
+            return cells[:, 0], cells[:, 1:1 + O], cells[:, 1 + O:], dist
+    raise RuntimeError(f"no solvable layout found in {max_tries} tries for G={G}, O={O}, W={W}")
+
+
+def _draw_episodes(rngs, tasks, G: int, O: int, W: int):
+    """The one place episodes are drawn, one per generator: its task (a uniformly drawn pretraining task
+    where the task is None), then its layout. `GridPinpad.reset` calls it with a single generator."""
+    tasks = [GRID_PRETRAIN_TASKS[rng.integers(len(GRID_PRETRAIN_TASKS))] if task is None else tuple(task)
+             for rng, task in zip(rngs, tasks)]
+    return (tasks,) + _sample_layouts(rngs, G, O, W)
+
+
+def _draw_episode(rng: np.random.Generator, task, G: int, O: int, W: int):
+    """One episode: (task, agent_cell, colour_cells, wall_cells)."""
+    (task,), agent, colour_cells, wall_cells, _ = _draw_episodes([rng], [task], G, O, W)
+    return task, int(agent[0]), colour_cells[0], wall_cells[0]
+
+
+def _check_sizes(G, O, W, T, task):
+    for name, value, low in (("G", G, 2), ("O", O, 1), ("W", W, 0), ("T", T, 1)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if O + W + 1 > G * G:
+        raise ValueError(f"O + W + 1 = {O + W + 1} objects do not fit on a {G}x{G} grid")
+    if task is None and (G, O, W) != (7, 8, 4):
+        raise ValueError("the pretraining tasks (task=None) are defined for G=7, O=8, W=4 only; pass a task")
+
+
+class GridPinpad(gymnasium.Env):
+    """Gridworld-pinpad (paper App. A.1): visit coloured cells in the order the task gives.
+
+    ## Description
+    A G x G grid holds O uniquely coloured cells, W wall cells and the agent. The task is a sequence of
+    colours; the paper's tasks are made of colour pairs 0-1, 2-3, 4-5, 6-7 (Table A1). A colour counts as
+    visited when the agent steps onto it from another cell. Visiting the next colour of the task advances
+    it; visiting any other colour ends the episode as a failure.
+
+    ## Action Space
+    `Discrete(4)`: 0 up, 1 right, 2 down, 3 left (`ACTIONS`, `MOVES`). Moving off the grid or into a wall
+    is a no-op.
+
+    ## Observation Space
+    `Box(0, 1, (C*G*G,), float32)` with C = O + W + 1 (637 for the defaults): one-hot maps, channel-major,
+    of each colour, each wall (each with its own identity) and the agent; see `grid_observation`. The task
+    is not observed: a model must infer it from behaviour, as in the paper.
+
+    ## Rewards
+    1 on the step that completes the task, 0 otherwise.
+
+    ## Starting State
+    Task first (uniform over the 16 pretraining tasks if none was given), then start, colour and wall
+    cells drawn uniformly without overlap among solvable layouts (`sample_layout`). `reset(seed=s)` gives
+    the episode `_draw_episode(np.random.default_rng(s), ...)`, the same as `GridPinpadVec` episode i
+    for seed s - i.
+
+    ## Episode End
+    Terminated on completing the task (reward 1) or on visiting a wrong colour (reward 0); truncated
+    after T steps.
+
+    ## Info
+    agent (flat cell), colour_cells (O,), wall_cells (W,), task, progress (colours completed), subgoal
+    (task[progress] // 2, the colour pair being pursued, -1 once complete), visited (colour entered on
+    this step or -1). For evaluation and plots only; never fed to a model.
+
+    ## Arguments
+    task (None, "0-1-2" or a sequence of ints), G = 7, O = 8, W = 4, T = 100, render_mode (None or
+    "rgb_array").
+
+    ## Version History
+    v0: initial version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, task=None, G: int = 7, O: int = 8, W: int = 4, T: int = 100, render_mode=None):
+        _check_sizes(G, O, W, T, task)
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.fixed_task = None if task is None else parse_task(task, O)
+        self.G, self.O, self.W, self.T, self.render_mode = G, O, W, T, render_mode
+        self.observation_space = gymnasium.spaces.Box(0.0, 1.0, ((O + W + 1) * G * G,), np.float32)
+        self.action_space = gymnasium.spaces.Discrete(4)
+
+    def _obs(self):
+        return grid_observation(self.agent, self.colour_cells, self.wall_cells, self.G)
+
+    def _info(self, visited: int):
+        done = self.progress == len(self.task)
+        return {"agent": self.agent, "colour_cells": self.colour_cells.copy(), "wall_cells": self.wall_cells.copy(),
+                "task": self.task, "progress": self.progress,
+                "subgoal": -1 if done else self.task[self.progress] // 2, "visited": visited}
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.task, self.agent, self.colour_cells, self.wall_cells = _draw_episode(
+            self.np_random, self.fixed_task, self.G, self.O, self.W)
+        self.progress, self.t = 0, 0
+        return self._obs(), self._info(-1)
+
+    def step(self, action):
+        before, self.t = self.agent, self.t + 1
+        self.agent = int(_move(before, int(action), self.wall_cells, self.G))
+        visited = int(_entered_colour(before, self.agent, self.colour_cells))
+        target = self.task[self.progress] if self.progress < len(self.task) else -1
+        terminated = visited >= 0 and visited != target  # wrong colour: failure
+        if visited >= 0 and not terminated:
+            self.progress += 1
+            terminated = self.progress == len(self.task)
+        reward = float(terminated and self.progress == len(self.task))
+        truncated = not terminated and self.t >= self.T
+        return self._obs(), reward, terminated, truncated, self._info(visited)
+
+    def render(self, cell: int = 24):
+        """(G*cell + 1, G*cell + 1, 3) uint8 image: palette colours, dark grey walls, the agent a black disc."""
+        return render_grid(self.agent, self.colour_cells, self.wall_cells, self.G, cell)
+
+
+def render_grid(agent: int, colour_cells, wall_cells, G: int = 7, cell: int = 24) -> np.ndarray:
+    """Draw one grid state with numpy (no display): used by GridPinpad.render and to replay stored episodes."""
+    colour_cells = np.asarray(colour_cells)
+    grid = np.full((G * G, 3), 255, np.uint8)
+    grid[colour_cells] = PALETTE[np.arange(len(colour_cells)) % len(PALETTE)]
+    grid[np.asarray(wall_cells)] = 64
+    image = np.kron(grid.reshape(G, G, 3), np.ones((cell, cell, 1), np.uint8))
+    image = np.pad(image, ((0, 1), (0, 1), (0, 0)))  # room for the closing grid line
+    y, x = np.mgrid[:cell, :cell] - (cell - 1) / 2
+    row, col = divmod(int(agent), G)
+    patch = image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
+    patch[y ** 2 + x ** 2 <= (cell / 3) ** 2] = 0
+    image[::cell, :], image[:, ::cell] = 160, 160  # grid lines
+    return image
+
+
+if "GridPinpad-v0" not in gymnasium.registry:
+    gymnasium.register("GridPinpad-v0", entry_point=GridPinpad)  # no max_episode_steps: the env truncates at T
+
+
+class GridPinpadVec:
+    """N gridworld-pinpad episodes stepped at once in numpy arrays (used for datasets and evaluation).
+
+    The batched analogue of gymnasium's VectorEnv API, without autoreset: an episode that has ended stays
+    frozen (its obs repeats, reward 0, terminated and truncated False, its `done` entry True) until the
+    next `reset`. Episode i of `reset(seed)` is drawn by `_draw_episode(np.random.default_rng(seed + i))`,
+    exactly as `GridPinpad().reset(seed=seed + i)` draws it, and the dynamics are the same functions.
+
+    task: None (each episode draws a pretraining task), one task ("0-1-2" or ints), or a list of
+    num_envs tasks. Public arrays: agent (N,), colour_cells (N, O), wall_cells (N, W), tasks (N, K)
+    padded with -1, task_len, progress, t (steps taken), done (N,), and colour_distance (N, O, G*G) (see
+    `colour_distances`, for the expert). Info arrays (evaluation only):
+    agent, progress, subgoal (-1 when complete), visited (-1 none), target (next colour or -1).
+    """
+
+    def __init__(self, num_envs: int, task=None, G: int = 7, O: int = 8, W: int = 4, T: int = 100):
+        one_task = task is None or isinstance(task, str) or all(isinstance(c, (int, np.integer)) for c in task)
+        if not one_task and len(task) != num_envs:
+            raise ValueError(f"got {len(task)} tasks for {num_envs} episodes")
+        for t in [task] if one_task else task:
+            _check_sizes(G, O, W, T, t)
+        tasks = [task] * num_envs if one_task else task
+        self.episode_tasks = [None if t is None else parse_task(t, O) for t in tasks]
+        self.num_envs, self.G, self.O, self.W, self.T = num_envs, G, O, W, T
+
+    def reset(self, seed: int):
+        N, G, O, W = self.num_envs, self.G, self.O, self.W
+        rngs = [np.random.default_rng(seed + i) for i in range(N)]
+        tasks, self.agent, self.colour_cells, self.wall_cells, self.colour_distance = _draw_episodes(
+            rngs, self.episode_tasks, G, O, W)
+        self.task_len = np.array([len(t) for t in tasks])
+        self.tasks = np.full((N, self.task_len.max()), -1, np.int64)
+        self.tasks[np.arange(self.tasks.shape[1]) < self.task_len[:, None]] = np.concatenate(tasks)
+        self.progress, self.t = np.zeros(N, np.int64), np.zeros(N, np.int64)
+        self.done = np.zeros(N, bool)
+        return self._obs(), self._info(np.full(N, -1))
+
+    @property
+    def target(self) -> np.ndarray:
+        """(N,) next colour of each task, -1 when complete."""
+        padded = np.pad(self.tasks, ((0, 0), (0, 1)), constant_values=-1)
+        return padded[np.arange(self.num_envs), self.progress]
+
+    def _obs(self):
+        return grid_observation(self.agent, self.colour_cells, self.wall_cells, self.G)  # (N, C*G*G)
+
+    def _info(self, visited):
+        target = self.target
+        return {"agent": self.agent.copy(), "progress": self.progress.copy(),
+                "subgoal": np.where(target >= 0, target // 2, -1), "visited": visited, "target": target}
+
+    def step(self, actions):
+        live, before, target = ~self.done, self.agent, self.target
+        self.agent = np.where(live, _move(before, np.asarray(actions), self.wall_cells, self.G), before)
+        visited = _entered_colour(before, self.agent, self.colour_cells)
+        hit, wrong = (visited >= 0) & (visited == target), (visited >= 0) & (visited != target)
+        self.progress = self.progress + hit
+        success = hit & (self.progress == self.task_len)
+        self.t = self.t + live
+        terminated = success | wrong
+        truncated = live & ~terminated & (self.t >= self.T)
+        self.done = self.done | terminated | truncated
+        return self._obs(), success.astype(np.float32), terminated, truncated, self._info(visited)
+
+
+# ---------------------------------------------------------------- expert (App. C.1.1)
+def _expert_moves(env: GridPinpadVec) -> tuple[np.ndarray, np.ndarray]:
+    """(optimal, safe), each (N, 4) bool. optimal: the move lies on a shortest path to the next colour
+    (it lowers the distance by exactly one); safe: it neither enters a colour other than the target
+    nor leaves the target unreachable."""
+    N, far = env.num_envs, unreachable(env.G)
+    rows, target = np.arange(N), np.maximum(env.target, 0)  # done episodes: any colour will do
+    dist = env.colour_distance[rows, target]  # (N, G*G)
+    nxt = _move(env.agent[:, None], np.arange(4), env.wall_cells[:, None, :], env.G)  # (N, 4)
+    moved = nxt != env.agent[:, None]
+    wrong_colour = (env.colour_cells[:, None, :] == nxt[..., None]).any(-1) & (nxt != env.colour_cells[rows, target, None])
+    d_next = np.take_along_axis(dist, nxt, 1)
+    safe = ~(moved & wrong_colour) & (d_next < far)
+    optimal = moved & safe & (d_next == dist[rows, env.agent][:, None] - 1)
+    return optimal, safe
+
+
+def optimal_moves(env: GridPinpadVec) -> np.ndarray:
+    """(N, 4) bool: which moves lie on a shortest path to each episode's next colour (for evaluation)."""
+    return _expert_moves(env)[0]
+
+
+def expert_actions(env: GridPinpadVec, rng: np.random.Generator, eps: float = 0.0) -> np.ndarray:
+    """The paper's expert: a shortest-path move towards each episode's next colour, (N,) int64.
+
+    Paths avoid walls and every colour other than the target; ties between optimal moves are broken
+    uniformly at random, and moves into walls or off the grid are never chosen as optimal. With
+    probability eps the action is replaced by a uniformly random non-terminating one: it does not step
+    onto a colour other than the target (no-ops against walls are allowed), and, our choice, it keeps the
+    target reachable, so a random step never walks into a pocket fenced by other colours. For done
+    episodes the action is arbitrary (and ignored by the env).
+    """
+    optimal, safe = _expert_moves(env)
+    action = np.argmax(np.where(optimal, rng.random(optimal.shape), -1.0), axis=1)  # uniform among ties
+    if eps > 0:
+        random_safe = np.argmin(np.where(safe, rng.random(safe.shape), np.inf), axis=1)
+        action = np.where(rng.random(env.num_envs) < eps, random_safe, action)
+    return action.astype(np.int64)

@@ -1,0 +1,869 @@
+"""ETARL: emergent temporal abstractions in autoregressive models enable hierarchical RL.
+
+A reference implementation of Kobayashi, Schimpf, Schlegel et al. (arXiv 2512.20605), read top to
+bottom in pipeline order:
+
+    1. Configs and presets ............ one dataclass per stage; presets tiny / cpu / paper
+    2. Data ........................... expert episodes from envs.py, stored compactly (Sec. 2, App. C.1.1)
+    3. Base model ..................... causal transformer, relative-position biases, KV cache (Sec. 2, App. D.1)
+    4. Residual-stream control ........ e <- e + U e at a named layer, low-rank or full (Eq. 1)
+    5. Pretraining and quality gate ... Eq. 5; does the residual stream know the task?
+    6. Probes and supervised control .. linear probes per layer (App. C.2), one controller per subgoal (App. C.3)
+    7. Experiment runner .............. `python etarl.py`: every stage, figures and results.json in a run folder
+
+Run:   python etarl.py                     # cpu preset, grid world, writes runs/grid-cpu-s0/
+       python etarl.py --preset tiny       # seconds, for a smoke test
+       pytest                              # the test suite (a few minutes on 2 cores)
+
+Shape letters: B batch (episodes), T time steps, D model width, O observation size, A actions,
+H attention heads, K subgoals, R controller rank, L number of blocks.
+
+Deviations and choices (where the paper is silent or where we differ; also listed in README.md):
+ 1. Observation encoder: the 637-dim one-hot observation is re-centred on the agent (each object's
+    offset from the agent on a (2G-1)^2 canvas, plus an "off the grid" channel) and then embedded
+    linearly. The paper does not say how it embeds observations. The re-centring is a fixed,
+    parameter-free re-indexing of the same observation; `encoder="linear"` gives the plain embedding.
+ 2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr above the paper's
+    constant 3e-4 at the cpu preset, to learn in minutes what the paper learned over 256k steps.
+ 3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS).
+ 4. Layouts are rejection-sampled so that every colour is reachable (envs.sample_layout); otherwise
+    the expert could not be perfect on enclosed layouts.
+ 5. Batches are cut to the longest episode in the batch (episodes are padded to the right and the
+    losses are masked by episode length); the next-observation loss is a Bernoulli likelihood per
+    observation dimension.
+ 6. Probes: multinomial logistic regression on standardised residuals, fitted by L-BFGS on one half
+    of held-out expert episodes and scored on the other half.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import envs
+
+
+# ==================================================================================================
+# 1. Configs and presets
+# ==================================================================================================
+@dataclass
+class DataConfig:
+    """Expert data (App. C.1.1)."""
+    n_train: int = 200_000      # training episodes (the paper streams ~262M over pretraining)
+    n_eval: int = 2_000         # held-out episodes for the quality gate and the probes
+    eps: float = 0.0            # probability that the expert takes a random non-terminating action
+    env: str = "grid"
+
+
+@dataclass
+class ModelConfig:
+    """Base model (App. D.1). Paper: d=256, 4 heads, MLP 512, depth 6, 32 relative-position buckets."""
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_buckets: int = 32
+    max_distance: int = 128     # relative distances beyond this share the last bucket
+    encoder: str = "ego"        # "ego" (agent-centred, deviation 1) or "linear"
+    obs_weight: float = 0.01    # lambda of Eq. 5 (paper: 0 or 0.01)
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining (Eq. 5). Paper: AdamW lr 3e-4 constant, wd 0.03, batch 1024, 256k steps."""
+    steps: int = 12_000
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.03
+    warmup: int = 300
+    min_lr_frac: float = 0.1    # cosine decays to this fraction of lr (paper: constant lr)
+    eval_every: int = 1_000     # steps between quality-gate measurements
+    time_budget_s: float | None = None   # stop early after this many seconds (the schedule is cut short)
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probes of the current subgoal (App. C.2)."""
+    max_iter: int = 200
+    l2: float = 1e-3
+
+
+@dataclass
+class ControlConfig:
+    """Supervised residual-stream controllers (Eq. 1, App. C.3). Paper: rank 16, AdamW lr 1e-3."""
+    rank: int = 16              # 0 means a full D x D matrix (the ant)
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eval_episodes: int = 500
+    task: str = "0-1-2-3-4-5-6-7-0-1-2-3"   # the post-training task
+
+
+@dataclass
+class Preset:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+
+PRESETS = {
+    # seconds: for tests and the notebook's fast switch; learns little
+    "tiny": Preset(
+        data=DataConfig(n_train=2_000, n_eval=400),
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64),
+        pretrain=PretrainConfig(steps=60, batch_size=32, lr=3e-3, warmup=10, eval_every=30),
+        probe=ProbeConfig(max_iter=50),
+        control=ControlConfig(rank=4, steps=30, batch_size=32, eval_episodes=64),
+    ),
+    # the default: the paper's findings from scratch on 2 CPU cores
+    "cpu": Preset(),
+    # the paper's sizes (App. D.1, Tables A3-A8), for a GPU
+    "paper": Preset(
+        data=DataConfig(n_train=2_000_000, n_eval=4_000),
+        model=ModelConfig(d_model=256, n_layers=6, n_heads=4, d_mlp=512),
+        pretrain=PretrainConfig(steps=256_000, batch_size=1024, lr=3e-4, warmup=0, min_lr_frac=1.0,
+                                eval_every=4_000),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ==================================================================================================
+# 2. Data: expert episodes (Sec. 2, App. C.1.1)
+# ==================================================================================================
+@dataclass
+class Episodes:
+    """Expert episodes of the grid world, stored compactly (an observation is rebuilt on demand from
+    the layout and the agent's cell, so 100k episodes take megabytes, not gigabytes).
+
+    Step t of episode i (t < lengths[i]) sees observation o_t (agent cell agent[i, t]) and takes
+    action actions[i, t]; agent[i, lengths[i]] is the cell after the last action. Labels below are
+    for evaluation only and are never fed to the base model.
+    """
+    colour_cells: np.ndarray    # (N, n_colours) flat cell index of each colour
+    wall_cells: np.ndarray      # (N, n_walls)
+    agent: np.ndarray           # (N, Tmax + 1) agent cell before each action (and after the last)
+    actions: np.ndarray         # (N, Tmax) expert action, -1 past the end
+    lengths: np.ndarray         # (N,) number of actions
+    target: np.ndarray          # (N, Tmax) colour the expert is heading to, -1 past the end
+    subgoal: np.ndarray         # (N, Tmax) current subgoal (colour pair) id, -1 past the end
+    optimal: np.ndarray         # (N, Tmax, A) bool: moves on a shortest path to the target
+    task_id: np.ndarray         # (N,) index into the task table
+    grid_size: int = 7
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def subset(self, idx) -> "Episodes":
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Episodes(**{k: v[idx] if isinstance(v, np.ndarray) else v for k, v in fields.items()})
+
+    def observations(self, idx, t_max: int) -> np.ndarray:
+        """(B, t_max + 1, O) one-hot observations o_0 .. o_t_max of episodes idx."""
+        return envs.grid_observation(self.agent[idx, : t_max + 1], self.colour_cells[idx, None],
+                                     self.wall_cells[idx, None], self.grid_size)
+
+    def batch(self, idx, device) -> dict:
+        """Tensors for a batch, cut to its longest episode (deviation 5)."""
+        idx = np.sort(np.asarray(idx))
+        T = int(self.lengths[idx].max())
+        as_t = lambda x, dt: torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=device)
+        return {
+            "obs": as_t(self.observations(idx, T), torch.float32),        # (B, T+1, O)
+            "actions": as_t(self.actions[idx, :T], torch.long),           # (B, T)
+            "mask": as_t(np.arange(T) < self.lengths[idx, None], torch.bool),
+            "subgoal": as_t(self.subgoal[idx, :T], torch.long),
+            "target": as_t(self.target[idx, :T], torch.long),
+            "optimal": as_t(self.optimal[idx, :T], torch.bool),
+        }
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def load(cls, path) -> "Episodes":
+        with np.load(path) as f:
+            kw = {k: f[k] for k in f.files}
+        kw["grid_size"] = int(kw["grid_size"])
+        return cls(**kw)
+
+
+def generate_episodes(n: int, seed: int, task=None, eps: float = 0.0, G: int = 7, O: int = 8,
+                      W: int = 4, T: int = 100) -> Episodes:
+    """Roll out the shortest-path expert in n episodes at once (vectorised numpy).
+
+    task None draws one of the 16 pretraining tasks per episode (Table A1). Episode i uses
+    seed + i, so disjoint seed ranges give disjoint train and evaluation sets.
+    """
+    env = envs.GridPinpadVec(n, task=task, G=G, O=O, W=W, T=T)
+    env.reset(seed=seed)
+    rng = np.random.default_rng([seed, 1])
+    agent, actions, target, optimal = [env.agent.copy()], [], [], []
+    while not env.done.all():
+        live = ~env.done
+        a = envs.expert_actions(env, rng, eps)
+        target.append(np.where(live, env.target, -1))
+        optimal.append(envs.optimal_moves(env) & live[:, None])
+        actions.append(np.where(live, a, -1))
+        env.step(a)
+        agent.append(env.agent.copy())
+    target = np.stack(target, 1).astype(np.int8)
+    task_table = {t: i for i, t in enumerate(envs.GRID_PRETRAIN_TASKS)}
+    return Episodes(
+        colour_cells=env.colour_cells.astype(np.int8), wall_cells=env.wall_cells.astype(np.int8),
+        agent=np.stack(agent, 1).astype(np.int8), actions=np.stack(actions, 1).astype(np.int8), lengths=env.t.copy(),
+        target=target, subgoal=np.where(target >= 0, target // 2, -1), optimal=np.stack(optimal, 1),
+        task_id=np.array([task_table.get(tuple(t[t >= 0]), -1) for t in env.tasks]), grid_size=G)
+
+
+# ==================================================================================================
+# 3. Base model: a causal transformer over observations (Sec. 2, App. D.1)
+# ==================================================================================================
+class EgoEncoder(nn.Module):
+    """Embed a grid observation re-centred on the agent (deviation 1).
+
+    The linear embedding of an agent-centred view, written as a sum of lookups: one learned vector
+    per (object, offset of the object from the agent), plus one per absolute agent cell (which tells
+    where the edges of the world are). It needs exactly one 1 per channel, as the grid observation
+    has, and costs C lookups per token instead of a (C (2G-1)^2)-wide matrix product.
+    """
+
+    def __init__(self, obs_dim: int, d_model: int, grid_size: int):
+        super().__init__()
+        G = grid_size
+        self.G, self.C, self.S = G, obs_dim // (G * G), 2 * G - 1
+        if self.C * G * G != obs_dim:
+            raise ValueError(f"observation size {obs_dim} is not a whole number of {G}x{G} channels")
+        self.objects = nn.Embedding((self.C - 1) * self.S ** 2, d_model)
+        self.agent_cell = nn.Embedding(G * G, d_model)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        B, T, _ = obs.shape
+        G, C, S = self.G, self.C, self.S
+        cell = obs.view(B, T, C, G * G).argmax(-1)                    # (B, T, C) cell of each object
+        row, col = cell // G, cell % G
+        offset = (row[..., :-1] - row[..., -1:] + G - 1) * S + (col[..., :-1] - col[..., -1:] + G - 1)
+        idx = offset + S * S * torch.arange(C - 1, device=obs.device)   # (B, T, C-1)
+        return self.objects(idx).sum(-2) + self.agent_cell(cell[..., -1])   # (B, T, D)
+
+
+def relative_bucket(rel: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal relative-position buckets: distances < n/2 exact, then log-spaced up to max_distance."""
+    exact = n_buckets // 2
+    log_ratio = torch.log(rel.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (n_buckets - exact)).long()).clamp(max=n_buckets - 1)
+    return torch.where(rel < exact, rel, far)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with a learned relative-position bias per head and bucket."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.cfg = cfg.n_heads, cfg
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.rel_bias = nn.Parameter(torch.zeros(cfg.n_buckets, cfg.n_heads))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """x (B, T, D) at absolute positions pos (T,); cache holds keys and values of earlier positions."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)   # (B, H, T, D/H)
+        k_pos = pos
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                k_pos = torch.cat([cache["pos"], pos])
+            cache.update(k=k, v=v, pos=k_pos)
+        rel = pos[:, None] - k_pos[None, :]                           # (T, Tk) query minus key position
+        bias = self.rel_bias[relative_bucket(rel.clamp(min=0), self.cfg.n_buckets, self.cfg.max_distance)]
+        bias = bias.permute(2, 0, 1).masked_fill(rel < 0, float("-inf"))   # (H, T, Tk), causal
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)) with a ReLU MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.mixer = Attention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_mlp), nn.ReLU(), nn.Linear(cfg.d_mlp, cfg.d_model))
+
+    def forward(self, x, pos, cache=None):
+        x = x + self.mixer(self.norm1(x), pos, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class CategoricalHead(nn.Module):
+    """Discrete actions: logits over A moves."""
+
+    def __init__(self, d_model: int, n_actions: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_actions)
+
+    def forward(self, x):
+        return self.proj(x)                                           # (B, T, A) logits
+
+    @staticmethod
+    def log_prob(logits, actions):
+        return torch.distributions.Categorical(logits=logits).log_prob(actions.clamp(min=0))
+
+    @staticmethod
+    def sample(logits, generator=None):
+        return torch.multinomial(logits.softmax(-1).reshape(-1, logits.shape[-1]), 1,
+                                 generator=generator).view(logits.shape[:-1])
+
+
+class BaseModel(nn.Module):
+    """p(a_t | o_1:t) and p(o_t+1 | o_1:t) from observations alone (Sec. 2).
+
+    `forward` runs whole sequences; `step` appends one time step using a key/value cache. Both can
+    return the residual stream after every layer (layer 0 = embedding, layer l = after l blocks) and
+    both can apply a residual-stream controller e <- e + U e before block `control.layer` (Eq. 1).
+    """
+
+    def __init__(self, cfg: ModelConfig, obs_dim: int, n_actions: int, grid_size: int = 7):
+        super().__init__()
+        self.cfg, self.obs_dim, self.n_actions = cfg, obs_dim, n_actions
+        if cfg.encoder == "ego":
+            self.encoder = EgoEncoder(obs_dim, cfg.d_model, grid_size)
+        elif cfg.encoder == "linear":
+            self.encoder = nn.Linear(obs_dim, cfg.d_model)
+        else:
+            raise ValueError(f"unknown encoder {cfg.encoder!r}; choose 'ego' or 'linear'")
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.action_head = CategoricalHead(cfg.d_model, n_actions)
+        self.obs_head = nn.Linear(cfg.d_model, obs_dim)
+
+    def forward(self, obs, control=None, return_residuals=False, cache=None, start=0):
+        """obs (B, T, O) at time steps start .. start+T-1. Returns a dict with action logits (B, T, A),
+        the final normed stream h (B, T, D), and the residual list [(B, T, D)] * (L+1) if asked."""
+        B, T, _ = obs.shape
+        pos = torch.arange(start, start + T, device=obs.device)
+        e = self.encoder(obs)                                         # (B, T, D)
+        residuals = [e]
+        for l, block in enumerate(self.blocks):
+            if control is not None and control.layer == l:
+                e = e + control(e)                                    # Eq. (1): e <- e + U e
+            e = block(e, pos, None if cache is None else cache[l])
+            residuals.append(e)
+        h = self.norm(e)
+        out = {"logits": self.action_head(h), "h": h}
+        if return_residuals:
+            out["residuals"] = residuals
+        return out
+
+    def new_cache(self) -> dict:
+        return {"t": 0, **{l: {} for l in range(len(self.blocks))}}
+
+    @torch.no_grad()
+    def step(self, obs, cache: dict, control=None) -> dict:
+        """One time step for a batch of running episodes: obs (B, O) -> logits (B, A)."""
+        out = self.forward(obs[:, None], control, cache=cache, start=cache["t"])
+        cache["t"] += 1
+        return {k: v[:, 0] for k, v in out.items()}
+
+    def loss(self, batch: dict, control=None) -> dict:
+        """Eq. (5): sum_t -ln p(a_t | o_1:t) - lambda ln p(o_t+1 | o_1:t), averaged over valid steps."""
+        obs, actions, mask = batch["obs"], batch["actions"], batch["mask"]
+        out = self(obs[:, :-1], control)
+        m = mask.float()
+        action_nll = -(self.action_head.log_prob(out["logits"], actions) * m).sum() / m.sum()
+        obs_nll = torch.zeros(())
+        if self.cfg.obs_weight > 0:
+            obs_nll = F.binary_cross_entropy_with_logits(self.obs_head(out["h"]), obs[:, 1:], reduction="none")
+            obs_nll = (obs_nll.sum(-1) * m).sum() / m.sum()
+        return {"loss": action_nll + self.cfg.obs_weight * obs_nll, "action_nll": action_nll,
+                "obs_nll": obs_nll, "out": out}
+
+
+# ==================================================================================================
+# 4. Residual-stream control (Eq. 1)
+# ==================================================================================================
+@dataclass
+class Control:
+    """A linear edit of the residual stream, e <- e + U e, before block `layer`.
+
+    Low rank: U = B A^T with A, B of shape (..., D, R), applied as (e A) B^T in O(D R) per token,
+    never building a D x D matrix. Full: U of shape (..., D, D). Leading dims broadcast against
+    the residual's (B, T), so one U can be shared or each token can have its own.
+    """
+    layer: int
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    U: torch.Tensor | None = None
+
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        """U e for e (B, T, D)."""
+        if self.U is not None:
+            return (self.U @ e[..., None])[..., 0]                    # (B, T, D)
+        return ((e[..., None, :] @ self.A) @ self.B.transpose(-1, -2))[..., 0, :]   # (B, T, D)
+
+    def matrix(self) -> torch.Tensor:
+        """U itself (for tests and plots)."""
+        return self.U if self.U is not None else self.B @ self.A.transpose(-1, -2)
+
+    def step_view(self) -> "Control":
+        """The same control for one time step: per-episode tensors (B, D, R) gain the T axis."""
+        add_t = lambda x: x if x is None or x.dim() < 3 else x[:, None]
+        return Control(self.layer, add_t(self.A), add_t(self.B), add_t(self.U))
+
+
+# ==================================================================================================
+# 5. Pretraining (Eq. 5) and the quality gate
+# ==================================================================================================
+def build_model(cfg: ModelConfig, env: str = "grid") -> BaseModel:
+    if env != "grid":
+        raise ValueError(f"unknown environment {env!r}; available: 'grid'")
+    G = 7
+    return BaseModel(cfg, obs_dim=(8 + 4 + 1) * G * G, n_actions=len(envs.ACTIONS), grid_size=G)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_frac * lr (deviation 2)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def length_bucketed_batch(by_length: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Episodes of similar length (a random window of the length-sorted order), so that cutting the
+    batch to its longest episode wastes little compute on padding."""
+    window = min(len(by_length), 8 * batch_size)
+    start = rng.integers(len(by_length) - window + 1)
+    return by_length[start + rng.choice(window, size=min(batch_size, window), replace=False)]
+
+
+def pretrain(model: BaseModel, data: Episodes, eval_data: Episodes, cfg: PretrainConfig, seed: int = 0,
+             probe_cfg: ProbeConfig | None = None, progress: bool = True) -> dict:
+    """Train the base model on expert data; measure the quality gate every cfg.eval_every steps."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = {k: [] for k in ("step", "loss", "action_nll", "obs_nll", "eval_step", "eval_time",
+                               "sp_determined", "sp_all", "probe_mid")}
+    by_length = np.argsort(data.lengths, kind="stable")
+    t0, bar = time.time(), tqdm(range(cfg.steps), desc="pretrain", disable=not progress, mininterval=2)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        model.train()
+        out = model.loss(data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        for k in ("loss", "action_nll", "obs_nll"):
+            history[k].append(out[k].item())
+        history["step"].append(step)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            gate = quality_gate(model, eval_data, probe_cfg)
+            history["eval_step"].append(step + 1)
+            history["eval_time"].append(time.time() - t0)
+            for k in ("sp_determined", "sp_all", "probe_mid"):
+                history[k].append(gate[k])
+            bar.write(f"step {step + 1:6d}  {time.time() - t0:6.0f}s  action nll {out['action_nll'].item():.3f}  "
+                      f"shortest-path mass {gate['sp_all']:.3f} (determined {gate['sp_determined']:.3f})  "
+                      f"probe@L/2 {gate['probe_mid']:.3f}")
+        bar.set_postfix(nll=f"{out['action_nll'].item():.3f}")
+        if cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s:
+            break
+    history["wall_time"] = time.time() - t0
+    return history
+
+
+@torch.no_grad()
+def collect(model: BaseModel, data: Episodes, batch_size: int = 256) -> dict:
+    """Residuals after every layer and action probabilities on all valid steps of `data`."""
+    model.eval()
+    device = next(model.parameters()).device
+    keep = {"residuals": [], "probs": [], "subgoal": [], "target": [], "optimal": []}
+    for i in range(0, len(data), batch_size):
+        b = data.batch(np.arange(i, min(i + batch_size, len(data))), device)
+        out = model(b["obs"][:, :-1], return_residuals=True)
+        m = b["mask"]
+        keep["residuals"].append(torch.stack([r[m] for r in out["residuals"]]))   # (L+1, n, D)
+        keep["probs"].append(out["logits"][m].softmax(-1))
+        for k in ("subgoal", "target", "optimal"):
+            keep[k].append(b[k][m])
+    return {k: torch.cat(v, 1 if k == "residuals" else 0) for k, v in keep.items()}
+
+
+def fit_probe(x_train, y_train, x_test, y_test, n_classes: int, cfg: ProbeConfig) -> float:
+    """Multinomial logistic regression (deviation 6); returns test accuracy."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    probe = nn.Linear(x_train.shape[1], n_classes).to(x_train.device)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=cfg.max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x_train), y_train) + cfg.l2 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (probe(x_test).argmax(-1) == y_test).float().mean().item()
+
+
+def probe_layers(model: BaseModel, data: Episodes, cfg: ProbeConfig | None = None, layers=None) -> np.ndarray:
+    """Accuracy of a linear probe of the current subgoal on the residual after each layer (App. C.2).
+    Fitted on the first half of the episodes, scored on the second half."""
+    cfg = cfg or ProbeConfig()
+    half = len(data) // 2
+    a, b = collect(model, data.subset(slice(0, half))), collect(model, data.subset(slice(half, None)))
+    n_classes = int(max(a["subgoal"].max(), b["subgoal"].max())) + 1
+    layers = range(len(model.blocks) + 1) if layers is None else layers
+    return np.array([fit_probe(a["residuals"][l], a["subgoal"], b["residuals"][l], b["subgoal"], n_classes, cfg)
+                     for l in layers])
+
+
+def quality_gate(model: BaseModel, data: Episodes, probe_cfg: ProbeConfig | None = None) -> dict:
+    """Does the base model know the task? (the gate every later stage checks)
+
+    sp_determined: mean action probability on shortest-path moves at steps whose target is the second
+      colour of a pair (fixed by the history: the partner of the colour just visited). Gate: >= 0.95.
+    probe_mid: subgoal-pair probe accuracy after block L/2 on held-out episodes. Gate: >= 0.5.
+    """
+    c = collect(model, data)
+    sp = (c["probs"] * c["optimal"]).sum(-1)
+    determined = c["target"] % 2 == 1
+    mid = len(model.blocks) // 2
+    report = {"sp_all": sp.mean().item(), "sp_determined": sp[determined].mean().item(),
+              "sp_first": sp[~determined].mean().item(),
+              "probe_mid": float(probe_layers(model, data, probe_cfg, layers=[mid])[0])}
+    report["passed"] = report["sp_determined"] >= 0.95 and report["probe_mid"] >= 0.5
+    return report
+
+
+GATE_TEXT = "shortest-path mass on history-determined steps >= 0.95 and subgoal probe at L/2 >= 0.5"
+
+
+def require_gate(report: dict, stage: str) -> None:
+    """Refuse to build on a base model whose residual stream does not know the task."""
+    if not report["passed"]:
+        raise RuntimeError(
+            f"{stage}: the base model fails the quality gate ({GATE_TEXT}): "
+            f"shortest-path mass {report['sp_determined']:.3f}, probe {report['probe_mid']:.3f}. "
+            "Train it longer or pass force=True to run anyway.")
+
+
+def save_model(model: BaseModel, path) -> None:
+    torch.save({"cfg": dataclasses.asdict(model.cfg), "state": model.state_dict()}, path)
+
+
+def load_model(path, env: str = "grid", device=None) -> BaseModel:
+    ckpt = torch.load(path, map_location=device or "cpu")
+    model = build_model(ModelConfig(**ckpt["cfg"]), env)
+    model.load_state_dict(ckpt["state"])
+    return model.to(device or "cpu")
+
+
+# ==================================================================================================
+# 6. Supervised residual-stream controllers (Eq. 1, App. C.3) and rollouts in the environment
+# ==================================================================================================
+class SubgoalControllers(nn.Module):
+    """One linear controller per subgoal at one layer: U_k = B_k A_k^T (rank R) or a full U_k.
+
+    B (or U) starts at zero, so an untrained controller leaves the base model unchanged.
+    """
+
+    def __init__(self, n_subgoals: int, d_model: int, layer: int, rank: int = 16):
+        super().__init__()
+        self.layer, self.rank = layer, rank
+        if rank > 0:
+            self.A = nn.Parameter(torch.randn(n_subgoals, d_model, rank) / math.sqrt(d_model))
+            self.B = nn.Parameter(torch.zeros(n_subgoals, d_model, rank))
+        else:
+            self.U = nn.Parameter(torch.zeros(n_subgoals, d_model, d_model))
+
+    def forward(self, subgoal: torch.Tensor) -> Control:
+        """The control that applies subgoal[b, t]'s controller at every step; subgoal (B, T) or (B,)."""
+        k = subgoal.clamp(min=0)
+        if self.rank > 0:
+            return Control(self.layer, A=self.A[k], B=self.B[k])
+        return Control(self.layer, U=self.U[k])
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def train_controllers(model: BaseModel, data: Episodes, layer: int, cfg: ControlConfig, seed: int = 0,
+                      progress: bool = True) -> tuple[SubgoalControllers, dict]:
+    """Fit one controller per subgoal at `layer` by action NLL on expert data, base model frozen.
+    The true subgoal label of each step selects its controller (supervised, unlike the metacontroller)."""
+    device = next(model.parameters()).device
+    freeze(model)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n_subgoals = int(data.subgoal.max()) + 1
+    ctrl = SubgoalControllers(n_subgoals, model.cfg.d_model, layer, cfg.rank).to(device)
+    opt = torch.optim.AdamW(ctrl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = {"action_nll": []}
+    for _ in tqdm(range(cfg.steps), desc=f"controllers@{layer}", disable=not progress, leave=False):
+        batch = data.batch(rng.integers(len(data), size=cfg.batch_size), device)
+        loss = model.loss(batch, control=ctrl(batch["subgoal"]))["action_nll"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history["action_nll"].append(loss.item())
+    return ctrl, history
+
+
+@torch.no_grad()
+def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: bool = False,
+            record: bool = False) -> dict:
+    """Run the (controlled) base model in n episodes of the real environment at once.
+
+    control_fn(env) -> Control or None is asked before each step (it may read env.target: that is
+    how the supervised controllers are switched; the metacontroller will decide by itself).
+    Key/value caching makes each step cost O(t) instead of re-running the whole history. With
+    record=True the observations (n, T+1, O), actions (n, T), agent cells and layouts come back too.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    env = envs.GridPinpadVec(n, task=task)
+    obs, _ = env.reset(seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cache, reward, trace = model.new_cache(), np.zeros(n), {"obs": [obs], "actions": [], "agent": [env.agent.copy()]}
+    while not env.done.all():
+        control = control_fn(env) if control_fn is not None else None
+        logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
+        a = (logits.argmax(-1) if greedy else CategoricalHead.sample(logits, gen)).cpu().numpy()
+        obs, r, *_ = env.step(a)
+        reward += r
+        if record:
+            trace["obs"].append(obs), trace["actions"].append(a), trace["agent"].append(env.agent.copy())
+    out = {"success": reward > 0, "length": env.t.copy(), "progress": env.progress.copy()}
+    if record:
+        out.update({k: np.stack(v, 1) for k, v in trace.items()},
+                   colour_cells=env.colour_cells.copy(), wall_cells=env.wall_cells.copy())
+    return out
+
+
+def subgoal_control_fn(ctrl: SubgoalControllers):
+    """Switch the supervised controllers by the environment's current subgoal (oracle switching)."""
+    device = ctrl.A.device if ctrl.rank > 0 else ctrl.U.device
+    return lambda env: ctrl(torch.as_tensor(np.maximum(env.target, 0) // 2, device=device)).step_view()
+
+
+def controller_sweep(model: BaseModel, data: Episodes, cfg: ControlConfig, seed: int = 0, layers=None,
+                     progress: bool = True) -> dict:
+    """Fig. 4: success on the post-training task with the right controller switched in at each
+    subgoal, for controllers at each layer 1..L-1, and the uncontrolled base model's success."""
+    task = envs.parse_task(cfg.task)
+    layers = list(range(1, len(model.blocks))) if layers is None else list(layers)
+    result = {"layers": layers, "success": [], "base_success": float(
+        rollout(model, task, cfg.eval_episodes, seed + 1)["success"].mean())}
+    for layer in layers:
+        ctrl, _ = train_controllers(model, data, layer, cfg, seed, progress)
+        result["success"].append(float(rollout(model, task, cfg.eval_episodes, seed + 1,
+                                               subgoal_control_fn(ctrl))["success"].mean()))
+    return result
+
+
+# ==================================================================================================
+# 7. Experiment runner: `python etarl.py`
+# ==================================================================================================
+class Run:
+    """One run folder and its stages, in pipeline order. Each stage makes its artefact once, saves it,
+    and reloads it after that, so an interrupted run resumes and the notebook can show each stage.
+
+        run = Run("cpu", seed=0)            # runs/grid-cpu-s0/
+        train, test = run.data()            # train.npz, eval.npz
+        model, history = run.base_model()   # base.pt, pretrain_history.json
+        run.gate(), run.probes(), run.controllers()
+        run.results()                       # results.json, report.md, figures
+    """
+
+    def __init__(self, preset: str = "cpu", seed: int = 0, out: str | None = None, device=None,
+                 progress: bool = True):
+        self.preset, self.seed, self.progress = preset, seed, progress
+        self.cfg = get_preset(preset)
+        self.device = torch.device(device) if device else default_device()
+        self.dir = Path(out or f"runs/grid-{preset}-s{seed}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        self._memo = {}
+
+    def _stage(self, name: str, file: str, make, save, load):
+        """Load `file` if it exists; otherwise make it, save it and record the stage's wall time."""
+        if name not in self._memo:
+            path = self.dir / file
+            if not path.exists():
+                t0 = time.time()
+                save(make(), path)
+                _json_save({**self.times(), name: round(time.time() - t0, 1)}, self.dir / "times.json")
+            self._memo[name] = load(path)
+        return self._memo[name]
+
+    def data(self) -> tuple[Episodes, Episodes]:
+        """Expert episodes: training set and a disjoint held-out set (seed ranges never overlap)."""
+        c, s = self.cfg.data, self.seed * 10**7
+        return (self._stage("data_train", "train.npz", lambda: generate_episodes(c.n_train, s, eps=c.eps),
+                            Episodes.save, Episodes.load),
+                self._stage("data_eval", "eval.npz", lambda: generate_episodes(c.n_eval, s + 5 * 10**6),
+                            Episodes.save, Episodes.load))
+
+    def base_model(self) -> tuple[BaseModel, dict]:
+        """The pretrained base model and its training history (with the gate measured along the way)."""
+        def make():
+            train, test = self.data()
+            torch.manual_seed(self.seed)
+            model = build_model(self.cfg.model).to(self.device)
+            history = pretrain(model, train, test, self.cfg.pretrain, self.seed, self.cfg.probe, self.progress)
+            return model, history
+
+        def save(made, path):
+            _json_save(made[1], self.dir / "pretrain_history.json")
+            save_model(made[0], path)
+
+        model = self._stage("pretrain", "base.pt", make, save, lambda p: load_model(p, device=self.device))
+        return model, _json_load(self.dir / "pretrain_history.json")
+
+    def gate(self) -> dict:
+        gate = self._stage("gate", "gate.json", lambda: quality_gate(self.base_model()[0], self.data()[1],
+                                                                       self.cfg.probe), _json_save, _json_load)
+        return gate
+
+    def probes(self) -> list:
+        """Probe accuracy of the current subgoal after each layer 0..L (Fig. 3)."""
+        return self._stage("probes", "probes.json",
+                           lambda: probe_layers(self.base_model()[0], self.data()[1], self.cfg.probe).tolist(),
+                           _json_save, _json_load)
+
+    def controllers(self) -> dict:
+        """Supervised controllers at each layer on the post-training task (Fig. 4)."""
+        return self._stage("controllers", "controllers.json",
+                           lambda: controller_sweep(freeze(self.base_model()[0]), self.data()[0], self.cfg.control,
+                                                    self.seed, progress=self.progress),
+                           _json_save, _json_load)
+
+    def times(self) -> dict:
+        """Wall time (s) of each stage this run folder computed."""
+        path = self.dir / "times.json"
+        return _json_load(path) if path.exists() else {}
+
+    def results(self) -> dict:
+        """Every stage, then results.json (flat named numbers), the figures and report.md."""
+        history, gate, probes, sweep = self.base_model()[1], self.gate(), self.probes(), self.controllers()
+        print(f"quality gate ({GATE_TEXT}): {'PASSED' if gate['passed'] else 'FAILED'}  "
+              f"sp_determined={gate['sp_determined']:.3f} probe_mid={gate['probe_mid']:.3f}")
+        L, cfg = self.cfg.model.n_layers, self.cfg
+        mid = sweep["layers"].index(L // 2) if L // 2 in sweep["layers"] else None
+        results = {
+            "preset": self.preset, "seed": self.seed, "device": str(self.device),
+            "pretrain_steps": len(history["step"]),
+            "pretrain_episodes_seen": len(history["step"]) * cfg.pretrain.batch_size,
+            "final_action_nll": float(np.mean(history["action_nll"][-50:])),
+            "gate_sp_determined": gate["sp_determined"], "gate_sp_first": gate["sp_first"],
+            "gate_sp_all": gate["sp_all"], "gate_probe_mid": gate["probe_mid"], "gate_passed": gate["passed"],
+            **{f"probe_layer{l}": a for l, a in enumerate(probes)},
+            "base_success_post_task": sweep["base_success"],
+            **{f"controller_success_layer{l}": s for l, s in zip(sweep["layers"], sweep["success"])},
+            "controller_success_mid": None if mid is None else sweep["success"][mid],
+            **{f"time_{k}_s": v for k, v in self.times().items()},
+        }
+        _json_save(results, self.dir / "results.json")
+        plot_grid_run(self.dir, history, probes, sweep)
+        write_report(self.dir, results)
+        return results
+
+
+def _json_save(obj, path):
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def _json_load(path):
+    return json.loads(Path(path).read_text())
+
+
+def plot_grid_run(run: Path, history: dict, probes: list, sweep: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(history["step"], np.convolve(history["action_nll"], np.ones(50) / 50, "same"))
+    ax[0].set(xlabel="step", ylabel="action NLL", title="Pretraining (Eq. 5)", yscale="log")
+    mins = np.array(history["eval_time"]) / 60
+    ax[1].plot(mins, history["sp_determined"], "o-", label="shortest-path mass, determined steps")
+    ax[1].plot(mins, history["probe_mid"], "s-", label="subgoal probe at L/2")
+    ax[1].axhline(0.95, ls=":", c="C0"), ax[1].axhline(0.5, ls=":", c="C1"), ax[1].axhline(0.25, ls="--", c="grey")
+    ax[1].set(xlabel="training time (min)", ylim=(0, 1), title="Quality gate")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(run / "pretrain.png", dpi=100), plt.close(fig)
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(range(len(probes)), probes, "o-")
+    ax[0].axhline(0.25, ls="--", c="grey", label="chance")
+    ax[0].set(xlabel="layer (0 = embedding)", ylabel="probe accuracy", ylim=(0, 1),
+              title="Linear probe of the current subgoal (Fig. 3)")
+    ax[0].legend()
+    ax[1].bar([str(l) for l in sweep["layers"]], sweep["success"])
+    ax[1].axhline(sweep["base_success"], ls="--", c="grey", label="no control")
+    ax[1].set(xlabel="controlled layer", ylabel="success on post-training task", ylim=(0, 1),
+              title="Supervised controllers (Fig. 4)")
+    ax[1].legend()
+    fig.tight_layout(), fig.savefig(run / "probes_controllers.png", dpi=100), plt.close(fig)
+
+
+def write_report(run: Path, results: dict) -> None:
+    lines = [f"# ETARL run: {run.name}", "", "| quantity | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    lines += ["", "![pretraining](pretrain.png)", "", "![probes and controllers](probes_controllers.png)", ""]
+    (run / "report.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--env", default="grid", help="world: grid")
+    p.add_argument("--preset", default="cpu", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/<env>-<preset>-s<seed>)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    if args.env != "grid":
+        p.error(f"unknown environment {args.env!r}; available: grid")
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    results = Run(args.preset, args.seed, args.out, args.device).results()
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""ETARL's tests, each named and docstringed by the property it checks: reference equivalence (vector
+env = single env, cached = full forward, low-rank edit = e + U e), contracts (gymnasium's checker, seeds,
+clear errors) and small runs that assert learning happened. `pytest` runs them all in a few minutes."""
+import json
+from collections import deque
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gymnasium.utils.env_checker import check_env
+
+import etarl
+
+from envs import (GRID_POST_TASK, GRID_PRETRAIN_TASKS, MOVES, GridPinpad, GridPinpadVec, expert_actions,
+                  format_task, grid_distance_to, grid_observation, parse_task, sample_layout)
+
+
+def expert_returns(env: GridPinpadVec, rng, eps=0.0, seed=0):
+    """Run the expert until every episode is done; return per-episode reward and the step records."""
+    env.reset(seed)
+    total = np.zeros(env.num_envs)
+    while not env.done.all():
+        total += env.step(expert_actions(env, rng, eps))[1]
+    return total
+
+
+def test_gymnasium_env_checker_passes():
+    """GridPinpad follows the Gymnasium API (env_checker) and is registered as GridPinpad-v0."""
+    check_env(GridPinpad(task="0-1-2-3", render_mode="rgb_array").unwrapped)
+    check_env(GridPinpad().unwrapped)
+    env = gymnasium.make("GridPinpad-v0", task="0-1")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (637,) and env.observation_space.contains(obs)
+
+
+def test_same_seed_same_episode():
+    """Resetting with the same seed gives the same task, layout and trajectory under the same actions."""
+    runs = []
+    for _ in range(2):
+        env = GridPinpad()
+        obs, info = env.reset(seed=123)
+        steps = [env.step(a) for a in [0, 1, 2, 3, 1, 1, 2]]
+        runs.append((obs, info["task"], [(s[0], s[1], s[2], s[3]) for s in steps]))
+    assert runs[0][1] == runs[1][1]
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][2], runs[1][2]):
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("policy", ["random", "expert"])
+@pytest.mark.parametrize("task", [None, "0-1-2", ["0-1", "2-3-4", "5-6-7-0-1", "7"] * 10])
+def test_vec_env_equals_single_env(policy, task):
+    """Episode i of GridPinpadVec.reset(seed) equals GridPinpad().reset(seed=seed+i) step by step."""
+    N, seed, T = 40, 7, 30
+    vec = GridPinpadVec(N, task=task, T=T)
+    singles = [GridPinpad(task=t, T=T) for t in (task if isinstance(task, list) else [task] * N)]
+    obs, info = vec.reset(seed)
+    for i, env in enumerate(singles):
+        o, inf = env.reset(seed=seed + i)
+        np.testing.assert_array_equal(obs[i], o)
+        assert inf["task"] == tuple(vec.tasks[i, :vec.task_len[i]]) and info["agent"][i] == inf["agent"]
+    rng, alive = np.random.default_rng(0), np.ones(N, bool)
+    for _ in range(T + 2):
+        actions = expert_actions(vec, rng, eps=0.1) if policy == "expert" else rng.integers(4, size=N)
+        frozen = (vec.agent.copy(), vec.progress.copy())
+        obs, reward, terminated, truncated, info = vec.step(actions)
+        for i, env in enumerate(singles):
+            if not alive[i]:  # ended: the vec env keeps the episode frozen
+                assert reward[i] == 0 and not terminated[i] and not truncated[i] and vec.done[i]
+                assert vec.agent[i] == frozen[0][i] and vec.progress[i] == frozen[1][i]
+                continue
+            o, r, te, tr, inf = env.step(actions[i])
+            np.testing.assert_array_equal(obs[i], o)
+            assert (reward[i], terminated[i], truncated[i]) == (r, te, tr)
+            for key in ("agent", "progress", "subgoal", "visited"):
+                assert info[key][i] == inf[key], key
+            alive[i] = not (te or tr)
+    assert not alive.any() and vec.done.all()
+
+
+def hand_built(task, agent, colours, walls=(40, 41, 42, 43)):
+    """A GridPinpad whose state is set by hand after reset (cells are row * 7 + col)."""
+    env = GridPinpad(task=task)
+    env.reset(seed=0)
+    env.agent, env.colour_cells, env.wall_cells = agent, np.array(colours), np.array(walls)
+    return env
+
+
+def test_visit_rule_and_wrong_colour_terminates():
+    """Entering the next colour advances the task, completing it pays 1; entering another colour fails."""
+    # agent at (3, 3) = 24; colour 0 right of it, colour 1 left, colour 2 above; colours 3..7 far away
+    colours = [25, 23, 17, 0, 1, 2, 3, 4]
+    env = hand_built("0-1", 24, colours)
+    assert env.step(1)[1:4] == (0.0, False, False) and env.progress == 1  # onto colour 0
+    *_, info = env.step(3)  # back to the empty cell: no visit
+    assert info["visited"] == -1 and info["subgoal"] == 0
+    _, reward, terminated, truncated, info = env.step(3)  # onto colour 1: task complete
+    assert (reward, terminated, truncated, info["progress"], info["subgoal"]) == (1.0, True, False, 2, -1)
+    env = hand_built("0-1", 24, colours)
+    _, reward, terminated, _, info = env.step(0)  # onto colour 2: wrong colour
+    assert (reward, terminated, info["visited"], info["progress"]) == (0.0, True, 2, 0)
+
+
+def test_moves_into_walls_and_off_grid_are_noops():
+    """Moving off the grid or into a wall leaves the agent in place (and still counts as a step)."""
+    env = hand_built("0", 0, [48, 47, 46, 45, 44, 39, 38, 37], walls=(1, 10, 11, 12))
+    for action in (0, 3, 1):  # up and left: off the grid; right: wall at cell 1
+        _, _, terminated, _, info = env.step(action)
+        assert info["agent"] == 0 and not terminated
+    assert env.step(2)[-1]["agent"] == 7 and env.t == 4
+    np.testing.assert_array_equal(MOVES[2], [1, 0])
+
+
+def test_bumping_the_edge_on_a_colour_is_not_a_revisit():
+    """Standing on a colour and bumping into the grid edge does not visit it again."""
+    env = hand_built("0-1", 1, [0, 48, 47, 46, 45, 44, 39, 38])
+    assert env.step(3)[-1]["visited"] == 0 and env.progress == 1  # onto colour 0 at the corner
+    for action in (3, 0):  # left and up: off the grid, stays on colour 0
+        _, reward, terminated, truncated, info = env.step(action)
+        assert (info["visited"], info["progress"], reward, terminated, truncated) == (-1, 1, 0.0, False, False)
+    env = hand_built("0-0", 1, [0, 48, 47, 46, 45, 44, 39, 38])  # repeating a colour needs leaving it
+    env.step(3), env.step(3)
+    assert env.progress == 1
+    env.step(1)
+    assert env.step(3)[1:3] == (1.0, True)
+
+
+@pytest.mark.parametrize("bad", ["0--1", "0,1", "a-b", " ", "", "0-8", "-1", "1-", " 1", "0-1 ", "٣",
+                                 [], [0, 1.5], [True], 3, None, {0: 1}])
+def test_bad_tasks_raise_clear_errors(bad):
+    """Malformed, empty, out-of-range or wrongly typed tasks raise ValueError naming the problem."""
+    with pytest.raises(ValueError, match="task|colour"):
+        parse_task(bad)
+    with pytest.raises(ValueError):
+        GridPinpad(task=bad) if bad is not None else GridPinpad(G=5)
+
+
+def test_task_round_trip_and_tables():
+    """parse_task and format_task invert each other; the tables hold 16 distinct pair-built tasks."""
+    assert parse_task("0-1-4-5") == (0, 1, 4, 5) == parse_task(np.array([0, 1, 4, 5]))
+    assert format_task(parse_task("7-0-3")) == "7-0-3"
+    assert len(set(GRID_PRETRAIN_TASKS)) == 16 and all(len(t) == 6 for t in GRID_PRETRAIN_TASKS)
+    assert all(t[i] % 2 == 0 and t[i + 1] == t[i] + 1 for t in GRID_PRETRAIN_TASKS for i in (0, 2, 4))
+    with pytest.raises(ValueError, match="O \\+ W"):
+        GridPinpad(task="0", G=3, O=8, W=1)
+
+
+def test_grid_observation_channels():
+    """Channel c < O is colour c, channel O + w is wall w, the last is the agent; one 1 per channel; broadcasts."""
+    agent, colours, walls = np.array([[5, 6], [7, 8]]), np.arange(10, 18)[None, None], np.array([[[30, 31, 32, 33]]])
+    colours = np.broadcast_to(colours, (2, 1, 8))
+    obs = grid_observation(agent, colours, walls)  # agent (2, 2) against (2, 1, O)
+    assert obs.shape == (2, 2, 13 * 49) and obs.dtype == np.float32
+    maps = obs.reshape(2, 2, 13, 49)
+    assert (maps.sum(-1) == 1).all()
+    np.testing.assert_array_equal(maps.argmax(-1)[1, 0], [*range(10, 18), 30, 31, 32, 33, 7])
+
+
+def test_render_draws_the_grid():
+    """render gives a uint8 RGB image with the agent as a black disc in its cell."""
+    env = hand_built("0", 8, [0, 48, 47, 46, 45, 44, 39, 38])
+    env.render_mode = "rgb_array"
+    image = env.render()
+    assert image.dtype == np.uint8 and image.shape == (169, 169, 3)
+    assert (image[36, 36] == 0).all() and (image[12, 12] != 0).any()  # agent centre (1, 1); colour 0 at (0, 0)
+
+
+def test_distance_matches_reference_bfs():
+    """grid_distance_to equals a plain breadth-first search on random blocked grids."""
+    rng, G = np.random.default_rng(0), 7
+    blocked = rng.random((50, G * G)) < 0.3
+    targets = rng.integers(G * G, size=50)
+    dist = grid_distance_to(targets, blocked, G)
+    for n in range(50):
+        ref, queue = {targets[n]: 0}, deque([targets[n]])
+        while queue:
+            cell = queue.popleft()
+            r, c = divmod(cell, G)
+            for dr, dc in MOVES:
+                nb = (r + dr) * G + c + dc
+                if 0 <= r + dr < G and 0 <= c + dc < G and not blocked[n, nb] and nb not in ref:
+                    ref[nb] = ref[cell] + 1
+                    queue.append(nb)
+        for cell in range(G * G):
+            if cell in ref:
+                assert dist[n, cell] == ref[cell]
+            elif not blocked[n, cell]:
+                assert dist[n, cell] >= 4 * G * G
+
+
+def test_layouts_are_distinct_and_solvable():
+    """sample_layout draws distinct cells; every colour is reachable from the start avoiding other colours."""
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        agent, colours, walls = sample_layout(rng)
+        assert len({agent, *colours, *walls}) == 13
+
+
+def test_expert_solves_every_task():
+    """With eps = 0 the expert succeeds in all 500 episodes of each pretraining task and of the post task.
+
+    The post task (twelve colours) needs more than T = 100 steps on about 0.4% of layouts, so it gets T = 200
+    here; at T = 100 its expert success is about 0.996.
+    """
+    tasks = [t for t in GRID_PRETRAIN_TASKS for _ in range(500)]
+    success = expert_returns(GridPinpadVec(len(tasks), task=tasks), np.random.default_rng(0))
+    assert success.reshape(16, 500).mean(1).tolist() == [1.0] * 16
+    assert expert_returns(GridPinpadVec(500, task=GRID_POST_TASK, T=200), np.random.default_rng(0)).mean() == 1.0
+    assert expert_returns(GridPinpadVec(500, task=GRID_POST_TASK), np.random.default_rng(0)).mean() > 0.98
+
+
+@pytest.mark.parametrize("eps", [0.2, 1.0])
+def test_expert_noise_never_enters_a_wrong_colour(eps):
+    """Random eps-actions never end an episode on a wrong colour; at eps = 0.2 the expert still nearly always succeeds."""
+    env = GridPinpadVec(2000, T=100)
+    env.reset(3)
+    rng, success, failed = np.random.default_rng(0), np.zeros(2000), np.zeros(2000, bool)
+    while not env.done.all():
+        _, reward, terminated, _, _ = env.step(expert_actions(env, rng, eps))
+        success += reward
+        failed |= terminated & (reward == 0)
+    assert not failed.any()
+    if eps == 0.2:
+        assert success.mean() > 0.95
+
+
+def test_expert_moves_are_shortest_path_moves():
+    """Every eps = 0 expert move lowers the distance to the current target by exactly one."""
+    env = GridPinpadVec(1000)
+    env.reset(11)
+    rng, rows = np.random.default_rng(0), np.arange(1000)
+    while not env.done.all():
+        live, target = ~env.done, env.target
+        dist = env.colour_distance[rows, np.maximum(target, 0)]
+        before = dist[rows, env.agent]
+        env.step(expert_actions(env, rng))
+        np.testing.assert_array_equal(dist[rows, env.agent][live], before[live] - 1)
+
+
+
+# ==================================================================================================
+# Base model, control, pretraining, probes (etarl.py)
+# ==================================================================================================
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = etarl.ModelConfig(**{"d_model": 32, "n_layers": 3, "n_heads": 2, "d_mlp": 64, **kw})
+    return etarl.build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return etarl.generate_episodes(300, seed=0), etarl.generate_episodes(200, seed=10**6)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small model trained for a few hundred steps (shared by the learning tests)."""
+    train, test = etarl.generate_episodes(3000, seed=0), etarl.generate_episodes(400, seed=10**6)
+    torch.manual_seed(0)
+    model = etarl.build_model(etarl.ModelConfig(d_model=64, n_layers=2, n_heads=2, d_mlp=128, obs_weight=0.0))
+    cfg = etarl.PretrainConfig(steps=400, batch_size=32, lr=3e-3, warmup=20, eval_every=400)
+    history = etarl.pretrain(model, train, test, cfg, progress=False)
+    return model, history, train, test
+
+
+def test_episode_data_replays_in_the_environment(data):
+    """Stored actions, replayed in the env from the stored layout, give the stored agent cells; every
+    expert action is a shortest-path move; labels agree with the task table."""
+    eps = data[0].subset(slice(0, 50))
+    for i in range(len(eps)):
+        env = GridPinpad()
+        _, info = env.reset(seed=i)                                     # episode i was drawn with seed 0 + i
+        assert info["task"] == GRID_PRETRAIN_TASKS[eps.task_id[i]]
+        np.testing.assert_array_equal(info["colour_cells"], eps.colour_cells[i])
+        assert info["agent"] == eps.agent[i, 0]
+        for t in range(eps.lengths[i]):
+            assert eps.optimal[i, t, eps.actions[i, t]]
+            assert eps.subgoal[i, t] == eps.target[i, t] // 2 == info["subgoal"]
+            _, reward, terminated, _, info = env.step(int(eps.actions[i, t]))
+            assert info["agent"] == eps.agent[i, t + 1]
+        assert terminated and reward == 1.0
+
+
+def test_episodes_save_and_load(tmp_path, data):
+    """Episodes round-trip through a file unchanged."""
+    data[0].save(tmp_path / "d.npz")
+    loaded = etarl.Episodes.load(tmp_path / "d.npz")
+    for f in ("agent", "actions", "lengths", "optimal", "subgoal", "colour_cells"):
+        np.testing.assert_array_equal(getattr(loaded, f), getattr(data[0], f))
+
+
+def test_low_rank_edit_equals_explicit_matrix():
+    """Control(A, B) applies U e with U = B A^T built explicitly (not a diagonal gain), shared or per token."""
+    torch.manual_seed(0)
+    e = torch.randn(3, 5, 16)
+    for A, B in [(torch.randn(16, 4), torch.randn(16, 4)), (torch.randn(3, 5, 16, 4), torch.randn(3, 5, 16, 4))]:
+        U = B @ A.transpose(-1, -2)                                    # (..., D, D)
+        explicit = torch.einsum("...ij,...j->...i", U.expand(3, 5, 16, 16), e)
+        torch.testing.assert_close(etarl.Control(0, A=A, B=B)(e), explicit)
+        torch.testing.assert_close(etarl.Control(0, U=U)(e), explicit)
+
+
+def test_zero_controller_leaves_the_model_unchanged(data):
+    """A freshly made controller (B = 0) and U = 0 give exactly the base model's logits."""
+    model, batch = _model(), data[0].batch(np.arange(8), "cpu")
+    obs = batch["obs"][:, :-1]
+    ctrl = etarl.SubgoalControllers(4, 32, layer=1, rank=4)
+    base = model(obs)["logits"]
+    torch.testing.assert_close(model(obs, ctrl(batch["subgoal"]))["logits"], base, rtol=0, atol=0)
+    zero = etarl.Control(1, U=torch.zeros(32, 32))
+    torch.testing.assert_close(model(obs, zero)["logits"], base, rtol=0, atol=0)
+
+
+def test_control_edits_the_residual_stream_at_its_layer(data):
+    """A control at layer l leaves residuals 0..l untouched and changes every later one."""
+    model, obs = _model(), data[0].batch(np.arange(4), "cpu")["obs"]
+    torch.manual_seed(1)
+    control = etarl.Control(2, A=torch.randn(32, 4), B=torch.randn(32, 4))
+    base = model(obs, return_residuals=True)["residuals"]
+    edited = model(obs, control, return_residuals=True)["residuals"]
+    for l in range(3):
+        torch.testing.assert_close(edited[l], base[l], rtol=0, atol=0)
+    assert (edited[3] - base[3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("controlled", [False, True])
+def test_cached_step_by_step_equals_full_forward(data, controlled):
+    """Stepping with the key/value cache gives the full forward pass's logits (with and without a
+    per-episode control), so rollouts score actions exactly as training does."""
+    model, batch = _model(), data[0].batch(np.arange(6), "cpu")
+    obs = batch["obs"]
+    control = None
+    if controlled:
+        torch.manual_seed(2)
+        control = etarl.Control(1, A=torch.randn(6, 32, 4), B=torch.randn(6, 32, 4))
+    full = model(obs, None if control is None else etarl.Control(1, control.A[:, None], control.B[:, None]))["logits"]
+    cache = model.new_cache()
+    step = [model.step(obs[:, t], cache, None if control is None else control.step_view())["logits"]
+            for t in range(obs.shape[1])]
+    torch.testing.assert_close(torch.stack(step, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_does_not_change_the_loss(data):
+    """Padded steps (mask False) contribute nothing: a batch cut to one episode's length and the same
+    episode padded with garbage frames give the same loss."""
+    model, eps = _model(), data[0]
+    i = int(np.argmin(eps.lengths))
+    short = eps.batch([i], "cpu")
+    T = short["actions"].shape[1]
+    padded = {k: v.clone() for k, v in short.items()}
+    garbage = eps.batch([int(np.argmax(eps.lengths))], "cpu")
+    padded["obs"] = torch.cat([short["obs"], garbage["obs"][:, : 10]], 1)
+    padded["actions"] = torch.cat([short["actions"], garbage["actions"][:, :10]], 1)
+    padded["mask"] = torch.cat([short["mask"], torch.zeros(1, 10, dtype=torch.bool)], 1)
+    a, b = model.loss(short), model.loss(padded)
+    torch.testing.assert_close(a["action_nll"], b["action_nll"])
+    torch.testing.assert_close(a["obs_nll"], b["obs_nll"])
+
+
+def test_model_save_and_load_give_the_same_outputs(tmp_path, data):
+    model, obs = _model(), data[0].batch(np.arange(3), "cpu")["obs"]
+    etarl.save_model(model, tmp_path / "m.pt")
+    torch.testing.assert_close(etarl.load_model(tmp_path / "m.pt")(obs)["logits"], model(obs)["logits"])
+
+
+def test_pretraining_learns_to_navigate(trained):
+    """A few hundred steps lower the action NLL below ln 4 and put more probability on shortest-path
+    moves than a uniform policy does."""
+    model, history, _, test = trained
+    assert np.mean(history["action_nll"][-20:]) < np.mean(history["action_nll"][:20]) - 0.1
+    gate = etarl.quality_gate(model, test)
+    uniform = test.optimal[test.actions >= 0].mean()                  # mass a uniform policy puts there
+    assert gate["sp_all"] > uniform + 0.1
+
+
+def test_probe_recovers_a_linear_code_and_not_noise():
+    """The probe finds a linearly encoded label (~1.0) and stays near chance on random labels."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (2000,))
+    x = torch.randn(2000, 16) + 6 * F.one_hot(y, 16).float()
+    cfg = etarl.ProbeConfig()
+    assert etarl.fit_probe(x[:1000], y[:1000], x[1000:], y[1000:], 4, cfg) > 0.95
+    noise = torch.randint(0, 4, (2000,))
+    assert etarl.fit_probe(x[:1000], noise[:1000], x[1000:], noise[1000:], 4, cfg) < 0.32
+
+
+def test_supervised_controllers_lower_the_action_nll(trained):
+    """Controllers selected by the true subgoal explain the expert's actions better than the base model."""
+    model, _, train, test = trained
+    cfg = etarl.ControlConfig(rank=8, steps=200, batch_size=32, lr=1e-2)
+    ctrl, _ = etarl.train_controllers(model, train, layer=1, cfg=cfg, progress=False)
+    batch = test.batch(np.arange(200), "cpu")
+    with torch.no_grad():
+        base = model.loss(batch)["action_nll"]
+        controlled = model.loss(batch, ctrl(batch["subgoal"]))["action_nll"]
+    assert controlled < base - 0.02
+
+
+def test_frozen_base_model_does_not_change(trained):
+    """Training controllers leaves every base-model parameter untouched."""
+    model, _, train, _ = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    etarl.train_controllers(model, train, layer=1, cfg=etarl.ControlConfig(rank=4, steps=5, batch_size=16),
+                            progress=False)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_rollout_replays_the_recorded_episode(data):
+    """Greedy actions chosen step by step in the environment equal the argmax of a full forward pass
+    over the recorded observations (no off-by-one between acting and training)."""
+    model = _model()
+    out = etarl.rollout(model, "0-1-2-3", n=8, seed=3, greedy=True, record=True)
+    T = out["obs"].shape[1] - 1
+    logits = model(torch.as_tensor(out["obs"][:, :T]))["logits"]
+    live = np.arange(T) < out["length"][:, None]
+    np.testing.assert_array_equal(logits.argmax(-1).numpy()[live], out["actions"][live])
+
+
+def test_quality_gate_refuses_a_bad_model():
+    """Later stages refuse a base model that fails the gate, with a message naming the gate."""
+    with pytest.raises(RuntimeError, match="quality gate"):
+        etarl.require_gate({"passed": False, "sp_determined": 0.5, "probe_mid": 0.25}, "metacontroller")
+    etarl.require_gate({"passed": True, "sp_determined": 0.97, "probe_mid": 0.6}, "metacontroller")
+
+
+def test_bad_configuration_raises_clear_errors():
+    """Unknown presets, environments and encoders are named in the error."""
+    with pytest.raises(ValueError, match="preset"):
+        etarl.get_preset("huge")
+    with pytest.raises(ValueError, match="environment"):
+        etarl.build_model(etarl.ModelConfig(), env="mars")
+    with pytest.raises(ValueError, match="encoder"):
+        etarl.build_model(etarl.ModelConfig(encoder="conv3d"))
+    with pytest.raises(SystemExit):
+        etarl.main(["--env", "mars"])
+
+
+def test_tiny_pipeline_writes_its_artefacts_and_resumes(tmp_path):
+    """`python etarl.py --preset tiny` writes results.json, figures and a report; a second call reuses them."""
+    results = etarl.Run("tiny", seed=0, out=str(tmp_path), progress=False).results()
+    for f in ("results.json", "report.md", "pretrain.png", "probes_controllers.png", "base.pt", "train.npz"):
+        assert (tmp_path / f).exists(), f
+    assert json.loads((tmp_path / "results.json").read_text())["gate_passed"] == results["gate_passed"]
+    mtime = (tmp_path / "base.pt").stat().st_mtime
+    etarl.Run("tiny", seed=0, out=str(tmp_path), progress=False).results()
+    assert (tmp_path / "base.pt").stat().st_mtime == mtime
