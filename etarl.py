@@ -9,30 +9,40 @@ bottom in pipeline order:
     4. Residual-stream control ........ e <- e + U e at a named layer, low-rank or full (Eq. 1)
     5. Pretraining and quality gate ... Eq. 5; does the residual stream know the task?
     6. Probes and supervised control .. linear probes per layer (App. C.2), one controller per subgoal (App. C.3)
-    7. Experiment runner .............. `python etarl.py`: every stage, figures and results.json in a run folder
+    7. Metacontroller ................. Eqs. 2-3, 12-18: latent codes, a switching gate, a hypernetwork (Sec. 3)
+    8. Experiment runner .............. `python etarl.py`: every stage, figures and results.json in a run folder
 
 Run:   python etarl.py                     # cpu preset, grid world, writes runs/grid-cpu-s0/
-       python etarl.py --preset tiny       # seconds, for a smoke test
+       python etarl.py --preset tiny       # seconds, for a smoke test (add --force: its model fails the gate)
+       python etarl.py --sweep             # also the rate-distortion sweep of Fig. 7 (long; a GPU helps)
        pytest                              # the test suite (a few minutes on 2 cores)
 
 Shape letters: B batch (episodes), T time steps, D model width, O observation size, A actions,
-H attention heads, K subgoals, R controller rank, L number of blocks.
+H attention heads, K subgoals, R controller rank, L number of blocks, n_z code size.
 
 Deviations and choices (where the paper is silent or where we differ; also listed in README.md):
  1. Observation encoder: the 637-dim one-hot observation is re-centred on the agent (each object's
-    offset from the agent on a (2G-1)^2 canvas, plus an "off the grid" channel) and then embedded
-    linearly. The paper does not say how it embeds observations. The re-centring is a fixed,
-    parameter-free re-indexing of the same observation; `encoder="linear"` gives the plain embedding.
- 2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr above the paper's
-    constant 3e-4 at the cpu preset, to learn in minutes what the paper learned over 256k steps.
+    offset from the agent, plus the agent's absolute cell) and embedded linearly, written as a sum of
+    embedding lookups. The paper does not say how it embeds observations. The re-centring is a fixed,
+    parameter-free re-indexing of the same observation; `encoder="linear"` gives the plain embedding,
+    which at our scale never learned the task (subgoal probe at chance).
+ 2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr 2e-3 and batch 64 at the
+    cpu preset (paper: constant 3e-4, batch 1024).
  3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS).
  4. Layouts are rejection-sampled so that every colour is reachable (envs.sample_layout); otherwise
     the expert could not be perfect on enclosed layouts.
- 5. Batches are cut to the longest episode in the batch (episodes are padded to the right and the
-    losses are masked by episode length); the next-observation loss is a Bernoulli likelihood per
-    observation dimension.
+ 5. Batches are cut to their longest episode and drawn from windows of similar length (losses are
+    masked by episode length); the next-observation loss is a Bernoulli likelihood per dimension.
  6. Probes: multinomial logistic regression on standardised residuals, fitted by L-BFGS on one half
     of held-out expert episodes and scored on the other half.
+ 7. Metacontroller: the non-causal sequence embedding s (Eq. 13) is a bidirectional GRU over the valid
+    steps (the paper uses an SSM and does not say how it is made non-causal); z_0 starts at zero; the
+    hypernetwork's output layer starts near zero (U ~ 0); gradients are clipped at norm 1.
+ 8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
+    (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
+    include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
+    on the code at the end of each switch-delimited segment, scored against the segment's majority
+    subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
 """
 from __future__ import annotations
 
@@ -112,12 +122,42 @@ class ControlConfig:
 
 
 @dataclass
+class MetaConfig:
+    """Metacontroller and its training (Tables A9, A10). Paper (grid): batch 512, 64k steps, lr 1e-3."""
+    n_h: int = 32               # history GRU state (Eq. 12)
+    n_s: int = 32               # non-causal sequence embedding (Eq. 13)
+    n_z: int = 8                # latent code (Eq. 14-15)
+    enc_hidden: int = 64        # encoder and switching-unit MLP width
+    hyp_hidden: int = 32        # hypernetwork width (Eq. 18)
+    rank: int = 16              # rank of U_t; 0 = full D x D (the ant)
+    alpha: float = 0.1          # KL weight of Eq. 3 (paper sweeps 0 .. 1)
+    steps: int = 1_500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.03
+    switch_bias: float = 0.0    # initial bias of the switching unit's logit (0: beta starts near 0.5)
+    force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
+    co_train: bool = False      # train the base model jointly (App. C.4.2)
+
+
+@dataclass
+class SweepConfig:
+    """The rate-distortion sweep of Fig. 7: alpha x seeds, frozen and co-trained base model."""
+    alphas: tuple = (0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0)
+    seeds: int = 3
+    steps: int = 1_500          # metacontroller steps per point (frozen base)
+    co_train_steps: int = 4_000  # steps when the base model trains jointly, from scratch
+
+
+@dataclass
 class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 PRESETS = {
@@ -128,6 +168,8 @@ PRESETS = {
         pretrain=PretrainConfig(steps=60, batch_size=32, lr=3e-3, warmup=10, eval_every=30),
         probe=ProbeConfig(max_iter=50),
         control=ControlConfig(rank=4, steps=30, batch_size=32, eval_episodes=64),
+        meta=MetaConfig(rank=4, steps=30, batch_size=16),
+        sweep=SweepConfig(alphas=(0.0, 1.0), seeds=1, steps=10, co_train_steps=10),
     ),
     # the default: the paper's findings from scratch on 2 CPU cores
     "cpu": Preset(),
@@ -389,14 +431,15 @@ class BaseModel(nn.Module):
         cache["t"] += 1
         return {k: v[:, 0] for k, v in out.items()}
 
-    def loss(self, batch: dict, control=None) -> dict:
-        """Eq. (5): sum_t -ln p(a_t | o_1:t) - lambda ln p(o_t+1 | o_1:t), averaged over valid steps."""
+    def loss(self, batch: dict, control=None, obs_loss: bool = True) -> dict:
+        """Eq. (5): sum_t -ln p(a_t | o_1:t) - lambda ln p(o_t+1 | o_1:t), averaged over valid steps
+        (obs_loss=False skips the observation term, for stages that train only a controller)."""
         obs, actions, mask = batch["obs"], batch["actions"], batch["mask"]
         out = self(obs[:, :-1], control)
         m = mask.float()
         action_nll = -(self.action_head.log_prob(out["logits"], actions) * m).sum() / m.sum()
         obs_nll = torch.zeros(())
-        if self.cfg.obs_weight > 0:
+        if obs_loss and self.cfg.obs_weight > 0:
             obs_nll = F.binary_cross_entropy_with_logits(self.obs_head(out["h"]), obs[:, 1:], reduction="none")
             obs_nll = (obs_nll.sum(-1) * m).sum() / m.sum()
         return {"loss": action_nll + self.cfg.obs_weight * obs_nll, "action_nll": action_nll,
@@ -636,7 +679,7 @@ def train_controllers(model: BaseModel, data: Episodes, layer: int, cfg: Control
     history = {"action_nll": []}
     for _ in tqdm(range(cfg.steps), desc=f"controllers@{layer}", disable=not progress, leave=False):
         batch = data.batch(rng.integers(len(data), size=cfg.batch_size), device)
-        loss = model.loss(batch, control=ctrl(batch["subgoal"]))["action_nll"]
+        loss = model.loss(batch, control=ctrl(batch["subgoal"]), obs_loss=False)["action_nll"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -697,7 +740,283 @@ def controller_sweep(model: BaseModel, data: Episodes, cfg: ControlConfig, seed:
 
 
 # ==================================================================================================
-# 7. Experiment runner: `python etarl.py`
+# 7. The metacontroller: temporally-abstract actions without labels (Sec. 3, App. D.2, E.1)
+# ==================================================================================================
+def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
+
+
+class Metacontroller(nn.Module):
+    """A variational, recurrent hypernetwork that reads the residual stream e_1:T at layer l and writes
+    one controller U_t per step, switching to a new latent code only when its gate beta_t says so.
+
+        h_t        = GRU(e_t, h_t-1)                                     Eq. (12)  causal history
+        s          = f_emb(e_1:T)                                        Eq. (13)  non-causal: both directions
+        mu, Sigma  = f_enc(e_t, h_t-1, s);  z~_t ~ N(mu, Sigma)          Eq. (14-15)
+        beta_t     = f_switch(e_t, h_t-1, z_t-1)  in [0, 1]              Eq. (16)  causal
+        z_t        = beta_t z~_t + (1 - beta_t) z_t-1                    Eq. (17)  beta = 1: new code
+        U_t        = f_hyp(z_t)                                          Eq. (18)
+    """
+
+    def __init__(self, d_model: int, layer: int, cfg: MetaConfig):
+        super().__init__()
+        self.layer, self.cfg, self.D = layer, cfg, d_model
+        self.history = nn.GRU(d_model, cfg.n_h, batch_first=True)
+        self.embed = nn.GRU(d_model, cfg.n_s, batch_first=True, bidirectional=True)
+        self.embed_out = nn.Linear(2 * cfg.n_s, cfg.n_s)
+        self.encoder = mlp(d_model + cfg.n_h + cfg.n_s, cfg.enc_hidden, 2 * cfg.n_z)
+        self.switch = mlp(d_model + cfg.n_h + cfg.n_z, cfg.enc_hidden, 1)
+        nn.init.constant_(self.switch[-1].bias, cfg.switch_bias)
+        n_out = 2 * d_model * cfg.rank if cfg.rank > 0 else d_model * d_model
+        self.hyper = mlp(cfg.n_z, cfg.hyp_hidden, n_out)
+        nn.init.normal_(self.hyper[-1].weight, std=1e-3), nn.init.zeros_(self.hyper[-1].bias)   # U ~ 0 at start
+
+    def sequence_embedding(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """s (B, n_s) from the whole valid part of each sequence, read in both directions (Eq. 13)."""
+        packed = nn.utils.rnn.pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, last = self.embed(packed)                                  # (2, B, n_s): forward end, backward end
+        return self.embed_out(torch.cat([last[0], last[1]], -1))     # (B, n_s)
+
+    def decode(self, z: torch.Tensor) -> Control:
+        """Eq. (18): U = f_hyp(z), as a Control at this metacontroller's layer; z (..., n_z)."""
+        D, R = self.D, self.cfg.rank
+        w = self.hyper(z)
+        if R > 0:
+            A, B = w.unflatten(-1, (2, D, R)).unbind(-3)              # (..., D, R) each
+            return Control(self.layer, A=A, B=B)
+        return Control(self.layer, U=w.unflatten(-1, (D, D)))
+
+    def forward(self, e: torch.Tensor, lengths: torch.Tensor, sample: bool = True) -> dict:
+        """e (B, T, D) residual stream at layer l; returns z (B, T, n_z), beta (B, T), mu, logvar and
+        the per-step Control."""
+        B, T, D = e.shape
+        h, _ = self.history(e)                                        # h_1 .. h_T: (B, T, n_h)
+        h_prev = F.pad(h, (0, 0, 1, 0))[:, :-1]                       # h_0 = 0 .. h_T-1
+        s = self.sequence_embedding(e, lengths)[:, None].expand(B, T, -1)
+        mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
+        z_tilde = mu + (logvar / 2).exp() * torch.randn_like(mu) if sample else mu    # Eq. (15)
+        z, zs, betas = torch.zeros(B, self.cfg.n_z, device=e.device), [], []
+        for t in range(T):
+            if self.cfg.force_switch:
+                beta = torch.ones(B, 1, device=e.device)
+            else:
+                beta = torch.sigmoid(self.switch(torch.cat([e[:, t], h_prev[:, t], z], -1)))   # Eq. (16)
+            z = beta * z_tilde[:, t] + (1 - beta) * z                 # Eq. (17)
+            zs.append(z), betas.append(beta[:, 0])
+        z = torch.stack(zs, 1)                                        # (B, T, n_z)
+        return {"z": z, "beta": torch.stack(betas, 1), "mu": mu, "logvar": logvar, "control": self.decode(z)}
+
+
+class MetaControl:
+    """Plugs a metacontroller into the base model's forward pass: at layer l it reads the residual stream
+    e (B, T, D), runs the metacontroller on it and returns U_t e_t. Its outputs stay in `.out` for the loss."""
+
+    def __init__(self, meta: Metacontroller, lengths: torch.Tensor, sample: bool = True):
+        self.layer, self.meta, self.lengths, self.sample, self.out = meta.layer, meta, lengths, sample, None
+
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        self.out = self.meta(e, self.lengths, self.sample)
+        return self.out["control"](e)
+
+
+def meta_loss(model: BaseModel, meta: Metacontroller, batch: dict, alpha: float, sample: bool = True) -> dict:
+    """Eq. (3): sum_t -ln p(a_t | o_1:t, z_1:t) + alpha KL(N(mu_t, Sigma_t) || N(0, I)), both averaged over
+    the valid steps of the batch; the KL is not weighted by beta."""
+    m = batch["mask"].float()
+    control = MetaControl(meta, batch["mask"].sum(1), sample)
+    out = model.loss(batch, control, obs_loss=meta.cfg.co_train)
+    mu, logvar = control.out["mu"], control.out["logvar"]
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)        # (B, T)
+    kl = (kl * m).sum() / m.sum()
+    return {"loss": out["action_nll"] + model.cfg.obs_weight * out["obs_nll"] + alpha * kl,
+            "action_nll": out["action_nll"], "kl": kl, **control.out}
+
+
+def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed: int = 0,
+                         progress: bool = True) -> tuple[Metacontroller, dict]:
+    """Fit the metacontroller on expert data by Eq. (3). Only its parameters train, unless cfg.co_train,
+    in which case the base model's train too (pass a freshly initialised model for App. C.4.2)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    meta = Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg).to(device)
+    if cfg.co_train:
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(meta.parameters()) + list(model.parameters())
+    else:
+        freeze(model)
+        params = list(meta.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    by_length = np.argsort(data.lengths, kind="stable")
+    history = {k: [] for k in ("loss", "action_nll", "kl", "switch_rate")}
+    bar = tqdm(range(cfg.steps), desc="metacontroller", disable=not progress, mininterval=2)
+    for _ in bar:
+        batch = data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device)
+        out = meta_loss(model, meta, batch, cfg.alpha)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        switch_rate = ((out["beta"] > 0.5) & batch["mask"]).sum() / batch["mask"].sum()
+        for k, v in (("loss", out["loss"]), ("action_nll", out["action_nll"]), ("kl", out["kl"]),
+                     ("switch_rate", switch_rate)):
+            history[k].append(v.item())
+        bar.set_postfix(nll=f"{history['action_nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.2f}",
+                        switches=f"{history['switch_rate'][-1]:.2f}")
+    if cfg.co_train:
+        freeze(model)
+    return meta.eval(), history
+
+
+@torch.no_grad()
+def meta_outputs(model: BaseModel, meta: Metacontroller, data: Episodes, batch_size: int = 256) -> dict:
+    """beta, z (posterior means) and labels on every step of `data`, as padded numpy arrays (N, Tmax)."""
+    device = next(model.parameters()).device
+    T = int(data.lengths.max())
+    keep = {"beta": [], "z": [], "nll": [], "kl": []}
+    for i in range(0, len(data), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(data)))
+        b = data.batch(idx, device)
+        out = meta_loss(model, meta, b, meta.cfg.alpha, sample=False)
+        pad = T - b["mask"].shape[1]
+        keep["beta"].append(F.pad(out["beta"], (0, pad)).cpu().numpy())
+        keep["z"].append(F.pad(out["z"], (0, 0, 0, pad)).cpu().numpy())
+        keep["nll"].append(out["action_nll"].item() * len(idx)), keep["kl"].append(out["kl"].item() * len(idx))
+    return {"beta": np.concatenate(keep["beta"]), "z": np.concatenate(keep["z"]),
+            "mask": np.arange(T) < data.lengths[:, None], "subgoal": data.subgoal[:, :T].astype(np.int64),
+            "action_nll": sum(keep["nll"]) / len(data), "kl": sum(keep["kl"]) / len(data)}
+
+
+def true_boundaries(subgoal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, T) bool: steps t > 0 at which the expert starts a new subgoal (colour pair)."""
+    b = np.zeros_like(mask)
+    b[:, 1:] = (subgoal[:, 1:] != subgoal[:, :-1]) & mask[:, 1:]
+    return b
+
+
+def switch_alignment(beta: np.ndarray, subgoal: np.ndarray, mask: np.ndarray, tolerance: int = 1) -> dict:
+    """Do the switches (beta > 0.5) fall on the true subgoal boundaries?
+
+    Precision, recall and F1 of switches at t > 0 against true boundaries, matched one-to-one within
+    +-tolerance steps; switches per episode (t = 0 included) against subgoals per episode; and the
+    fraction of beta values that are quasi-binary (< 0.1 or > 0.9)."""
+    switch, truth = (beta > 0.5) & mask, true_boundaries(subgoal, mask)
+    pred = switch.copy()
+    pred[:, 0] = False
+    tp, free = 0, truth.copy()
+    for i, t in zip(*np.nonzero(pred)):                               # greedy one-to-one matching
+        for dt in sorted(range(-tolerance, tolerance + 1), key=abs):
+            if 0 <= t + dt < free.shape[1] and free[i, t + dt]:
+                free[i, t + dt], tp = False, tp + 1
+                break
+    precision, recall = tp / max(pred.sum(), 1), tp / max(truth.sum(), 1)
+    b = beta[mask]
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-9),
+            "switches_per_episode": switch.sum(1).mean(), "subgoals_per_episode": (truth.sum(1) + 1).mean(),
+            "quasi_binary": ((b < 0.1) | (b > 0.9)).mean()}
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
+    """Plain k-means (k-means++ start); returns the cluster of each row."""
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        d = np.min([((x - c) ** 2).sum(1) for c in centres], 0)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())])
+    centres = np.stack(centres)
+    for _ in range(iters):
+        label = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.stack([x[label == j].mean(0) if (label == j).any() else centres[j] for j in range(k)])
+    return label
+
+
+def segment_codes(outputs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The code z at the end of every switch-delimited segment and the true subgoal most pursued in it."""
+    codes, labels = [], []
+    for beta, z, m, g in zip(outputs["beta"], outputs["z"], outputs["mask"], outputs["subgoal"]):
+        T = int(m.sum())
+        starts = [0] + [t for t in range(1, T) if beta[t] > 0.5] + [T]
+        for a, b in zip(starts[:-1], starts[1:]):
+            codes.append(z[b - 1]), labels.append(np.bincount(g[a:b], minlength=4).argmax())
+    return np.array(codes), np.array(labels)
+
+
+def code_purity(outputs: dict, n_subgoals: int = 4, seed: int = 0) -> float:
+    """Cluster the segments' codes into n_subgoals clusters; the fraction of segments whose true subgoal
+    is their cluster's majority subgoal (1.0: every code names its subgoal)."""
+    codes, labels = segment_codes(outputs)
+    cluster = kmeans(codes, n_subgoals, seed)
+    return sum(np.bincount(labels[cluster == j]).max() for j in np.unique(cluster)) / len(labels)
+
+
+def switching_regime(stats: dict) -> str:
+    """Name the regime a run ended in: the two failure modes, or subgoal-aligned switching."""
+    if stats["switches_per_episode"] < 1.5:
+        return "collapsed (about one code per episode)"
+    if stats["switches_per_episode"] > 2 * stats["subgoals_per_episode"]:
+        return "always switching"
+    return "aligned" if stats["f1"] >= 0.9 else "partially aligned"
+
+
+def evaluate_metacontroller(model: BaseModel, meta: Metacontroller, data: Episodes) -> dict:
+    out = meta_outputs(model, meta, data)
+    stats = switch_alignment(out["beta"], out["subgoal"], out["mask"])
+    stats.update(code_purity=code_purity(out), action_nll=out["action_nll"], kl=out["kl"])
+    stats["regime"] = switching_regime(stats)
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in stats.items()}
+
+
+def code_injection(model: BaseModel, meta: Metacontroller, data: Episodes, n: int = 200, seed: int = 0) -> dict:
+    """App. B.3.2: fix the code to one taken from a segment where the expert pursued subgoal g, and run the
+    controlled model in the world on the task "2g-(2g+1)": how often does it complete g? Against the
+    uncontrolled model on the same layouts."""
+    codes, labels = segment_codes(meta_outputs(model, meta, data))
+    device = next(model.parameters()).device
+    rng, result = np.random.default_rng(seed), {}
+    for g in range(4):
+        pick = rng.choice(np.flatnonzero(labels == g), size=n)
+        control = meta.decode(torch.as_tensor(codes[pick], device=device)).step_view()
+        task = (2 * g, 2 * g + 1)
+        result[f"injected_{g}"] = float(rollout(model, task, n, seed + g, lambda env: control)["success"].mean())
+        result[f"uncontrolled_{g}"] = float(rollout(model, task, n, seed + g)["success"].mean())
+    result["injected"] = float(np.mean([result[f"injected_{g}"] for g in range(4)]))
+    result["uncontrolled"] = float(np.mean([result[f"uncontrolled_{g}"] for g in range(4)]))
+    return result
+
+
+def save_meta(meta: Metacontroller, path) -> None:
+    torch.save({"cfg": dataclasses.asdict(meta.cfg), "d_model": meta.D, "layer": meta.layer,
+                "state": meta.state_dict()}, path)
+
+
+def load_meta(path, device=None) -> Metacontroller:
+    ckpt = torch.load(path, map_location=device or "cpu")
+    meta = Metacontroller(ckpt["d_model"], ckpt["layer"], MetaConfig(**ckpt["cfg"]))
+    meta.load_state_dict(ckpt["state"])
+    return meta.to(device or "cpu").eval()
+
+
+def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, test: Episodes, meta_cfg: MetaConfig,
+                    sweep: SweepConfig, progress: bool = True) -> list[dict]:
+    """Fig. 7: for each alpha and seed, train a metacontroller on the frozen base model and one jointly with a
+    fresh base model (co-trained); record distortion (action NLL), rate (KL) and switch alignment."""
+    device, rows = next(base.parameters()).device, []
+    points = [(co, a, s) for co in (False, True) for a in sweep.alphas for s in range(sweep.seeds)]
+    for co_train, alpha, seed in tqdm(points, desc="rate-distortion", disable=not progress):
+        cfg = dataclasses.replace(meta_cfg, alpha=alpha, co_train=co_train,
+                                  steps=sweep.co_train_steps if co_train else sweep.steps)
+        torch.manual_seed(seed)
+        model = build_model(model_cfg).to(device) if co_train else base
+        meta, _ = train_metacontroller(model, train, cfg, seed, progress=False)
+        rows.append({"base": "co-trained" if co_train else "frozen", "alpha": alpha, "seed": seed,
+                     **evaluate_metacontroller(model, meta, test)})
+    return rows
+
+
+# ==================================================================================================
+# 8. Experiment runner: `python etarl.py`
 # ==================================================================================================
 class Run:
     """One run folder and its stages, in pipeline order. Each stage makes its artefact once, saves it,
@@ -773,18 +1092,65 @@ class Run:
                                                     self.seed, progress=self.progress),
                            _json_save, _json_load)
 
+    def metacontroller(self, force: bool = False) -> tuple[Metacontroller, dict]:
+        """The metacontroller on the frozen base model (Sec. 3); refuses a base model that fails the gate."""
+        def make():
+            if not force:
+                require_gate(self.gate(), "metacontroller")
+            meta, history = train_metacontroller(freeze(self.base_model()[0]), self.data()[0], self.cfg.meta,
+                                                 self.seed, self.progress)
+            return meta, history
+
+        def save(made, path):
+            _json_save(made[1], self.dir / "meta_history.json")
+            save_meta(made[0], path)
+
+        meta = self._stage("metacontroller", "meta.pt", make, save, lambda p: load_meta(p, self.device))
+        return meta, _json_load(self.dir / "meta_history.json")
+
+    def meta_eval(self, force: bool = False) -> dict:
+        """Switch alignment, code purity and code injection of the frozen-base metacontroller."""
+        def make():
+            model, meta = self.base_model()[0], self.metacontroller(force)[0]
+            test = self.data()[1]
+            return {**evaluate_metacontroller(model, meta, test),
+                    **{f"injection_{k}": v for k, v in code_injection(model, meta, test, seed=self.seed).items()}}
+        return self._stage("meta_eval", "meta_eval.json", make, _json_save, _json_load)
+
+    def co_trained(self) -> dict:
+        """The same metacontroller trained jointly with a fresh base model (App. C.4.2), evaluated alike."""
+        def make():
+            torch.manual_seed(self.seed)
+            model = build_model(self.cfg.model).to(self.device)
+            cfg = dataclasses.replace(self.cfg.meta, co_train=True, steps=self.cfg.sweep.co_train_steps)
+            meta, history = train_metacontroller(model, self.data()[0], cfg, self.seed, self.progress)
+            return {**evaluate_metacontroller(model, meta, self.data()[1]), "history": history}
+        return self._stage("co_trained", "co_trained.json", make, _json_save, _json_load)
+
+    def rate_distortion(self, force: bool = False) -> list[dict]:
+        """Fig. 7's sweep (long: run it on purpose with --sweep, ideally on a GPU)."""
+        def make():
+            if not force:
+                require_gate(self.gate(), "rate-distortion sweep")
+            train, test = self.data()
+            return rate_distortion(freeze(self.base_model()[0]), self.cfg.model, train, test, self.cfg.meta,
+                                   self.cfg.sweep, self.progress)
+        return self._stage("rate_distortion", "rate_distortion.json", make, _json_save, _json_load)
+
     def times(self) -> dict:
         """Wall time (s) of each stage this run folder computed."""
         path = self.dir / "times.json"
         return _json_load(path) if path.exists() else {}
 
-    def results(self) -> dict:
-        """Every stage, then results.json (flat named numbers), the figures and report.md."""
-        history, gate, probes, sweep = self.base_model()[1], self.gate(), self.probes(), self.controllers()
+    def results(self, force: bool = False, sweep: bool = False) -> dict:
+        """Every stage, then results.json (flat named numbers), the figures and report.md. The metacontroller
+        stages run only on a base model that passes the gate (or with force); the sweep only when asked
+        (or when its artefact already exists)."""
+        history, gate, probes, ctrl = self.base_model()[1], self.gate(), self.probes(), self.controllers()
         print(f"quality gate ({GATE_TEXT}): {'PASSED' if gate['passed'] else 'FAILED'}  "
               f"sp_determined={gate['sp_determined']:.3f} probe_mid={gate['probe_mid']:.3f}")
         L, cfg = self.cfg.model.n_layers, self.cfg
-        mid = sweep["layers"].index(L // 2) if L // 2 in sweep["layers"] else None
+        mid = ctrl["layers"].index(L // 2) if L // 2 in ctrl["layers"] else None
         results = {
             "preset": self.preset, "seed": self.seed, "device": str(self.device),
             "pretrain_steps": len(history["step"]),
@@ -793,13 +1159,26 @@ class Run:
             "gate_sp_determined": gate["sp_determined"], "gate_sp_first": gate["sp_first"],
             "gate_sp_all": gate["sp_all"], "gate_probe_mid": gate["probe_mid"], "gate_passed": gate["passed"],
             **{f"probe_layer{l}": a for l, a in enumerate(probes)},
-            "base_success_post_task": sweep["base_success"],
-            **{f"controller_success_layer{l}": s for l, s in zip(sweep["layers"], sweep["success"])},
-            "controller_success_mid": None if mid is None else sweep["success"][mid],
-            **{f"time_{k}_s": v for k, v in self.times().items()},
+            "base_success_post_task": ctrl["base_success"],
+            **{f"controller_success_layer{l}": s for l, s in zip(ctrl["layers"], ctrl["success"])},
+            "controller_success_mid": None if mid is None else ctrl["success"][mid],
         }
+        meta = rd = None
+        if gate["passed"] or force:
+            results.update({f"meta_{k}": v for k, v in self.meta_eval(force).items()})
+            results.update({f"cotrained_{k}": v for k, v in self.co_trained().items() if k != "history"})
+            meta = self.metacontroller(force)[0]
+        else:
+            print("metacontroller stages skipped: the base model fails the quality gate (use --force to run anyway)")
+        if sweep or (self.dir / "rate_distortion.json").exists():
+            rd = self.rate_distortion(force)
+        results.update({f"time_{k}_s": v for k, v in self.times().items()})
         _json_save(results, self.dir / "results.json")
-        plot_grid_run(self.dir, history, probes, sweep)
+        plot_grid_run(self.dir, history, probes, ctrl)
+        if meta is not None:
+            _save_figure(plot_switching(self.base_model()[0], meta, self.data()[1]), self.dir / "switching.png")
+        if rd is not None:
+            _save_figure(plot_rate_distortion(rd), self.dir / "rate_distortion.png")
         write_report(self.dir, results)
         return results
 
@@ -813,8 +1192,6 @@ def _json_load(path):
 
 
 def plot_grid_run(run: Path, history: dict, probes: list, sweep: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -842,10 +1219,50 @@ def plot_grid_run(run: Path, history: dict, probes: list, sweep: dict) -> None:
     fig.tight_layout(), fig.savefig(run / "probes_controllers.png", dpi=100), plt.close(fig)
 
 
+def _save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_switching(model: BaseModel, meta: Metacontroller, data: Episodes, n: int = 6):
+    """Fig. A3: beta over held-out episodes, with the true subgoal boundaries marked."""
+    import matplotlib.pyplot as plt
+
+    out = meta_outputs(model, meta, data.subset(slice(0, n)))
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.1 * n), sharex=True)
+    for ax, beta, m, g in zip(axes, out["beta"], out["mask"], out["subgoal"]):
+        T = int(m.sum())
+        ax.plot(beta[:T], "k.-", lw=1)
+        for t in np.flatnonzero(true_boundaries(g[None], m[None])[0]):
+            ax.axvline(t, c="C3", ls="--", lw=1)
+        ax.set(ylim=(-0.05, 1.05), yticks=[0, 1])
+    axes[0].set_title("switching gate beta_t (black) and true subgoal boundaries (red)")
+    axes[-1].set_xlabel("time step")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rate_distortion(rows: list):
+    """Fig. 7: rate (KL) against distortion (action NLL) over the alpha sweep, frozen versus co-trained."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for base, marker in (("frozen", "o"), ("co-trained", "s")):
+        pts = [r for r in rows if r["base"] == base]
+        sc = ax.scatter([r["action_nll"] for r in pts], [r["kl"] for r in pts], c=[r["f1"] for r in pts],
+                        marker=marker, vmin=0, vmax=1, cmap="viridis", label=base, edgecolors="k")
+    fig.colorbar(sc, label="switch F1")
+    ax.set(xlabel="distortion: action NLL", ylabel="rate: KL", title="Rate-distortion (Fig. 7)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def write_report(run: Path, results: dict) -> None:
     lines = [f"# ETARL run: {run.name}", "", "| quantity | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
-    lines += ["", "![pretraining](pretrain.png)", "", "![probes and controllers](probes_controllers.png)", ""]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in sorted(run.glob("*.png"))] + [""]
     (run / "report.md").write_text("\n".join(lines))
 
 
@@ -856,12 +1273,16 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<env>-<preset>-s<seed>)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="run the metacontroller even if the base model fails the gate")
+    p.add_argument("--sweep", action="store_true", help="also run the rate-distortion sweep of Fig. 7 (long)")
     args = p.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")                                             # figures go to files, no display needed
     if args.env != "grid":
         p.error(f"unknown environment {args.env!r}; available: grid")
     if args.preset not in PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    results = Run(args.preset, args.seed, args.out, args.device).results()
+    results = Run(args.preset, args.seed, args.out, args.device).results(args.force, args.sweep)
     print(json.dumps(results, indent=1))
 
 

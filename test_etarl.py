@@ -447,5 +447,134 @@ def test_tiny_pipeline_writes_its_artefacts_and_resumes(tmp_path):
         assert (tmp_path / f).exists(), f
     assert json.loads((tmp_path / "results.json").read_text())["gate_passed"] == results["gate_passed"]
     mtime = (tmp_path / "base.pt").stat().st_mtime
-    etarl.Run("tiny", seed=0, out=str(tmp_path), progress=False).results()
+    run = etarl.Run("tiny", seed=0, out=str(tmp_path), progress=False)
+    run.results()
     assert (tmp_path / "base.pt").stat().st_mtime == mtime
+    if not results["gate_passed"]:                                    # the tiny model fails the gate
+        assert "meta_f1" not in results
+        with pytest.raises(RuntimeError, match="quality gate"):
+            run.metacontroller()
+
+
+# ==================================================================================================
+# Metacontroller (etarl.py section 7)
+# ==================================================================================================
+class _FirstStepSwitch(torch.nn.Module):
+    """A switching unit that fires (beta = 1) while z_t-1 is still the initial zero code, then never."""
+
+    def forward(self, x):
+        z_prev = x[..., -8:]
+        return torch.where((z_prev == 0).all(-1, keepdim=True), 100.0, -100.0)
+
+
+def _meta(model, **kw):
+    torch.manual_seed(0)
+    return etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, etarl.MetaConfig(**kw))
+
+
+def test_gate_beta_one_takes_the_new_code_and_beta_zero_keeps_the_old(data):
+    """Eq. (17) with the paper's direction: beta = 1 gives z_t = z~_t, beta = 0 keeps z_t-1."""
+    model, batch = _model(), data[0].batch(np.arange(4), "cpu")
+    e = model(batch["obs"][:, :-1], return_residuals=True)["residuals"][1]
+    lengths = batch["mask"].sum(1)
+    forced = _meta(model, force_switch=True)(e, lengths, sample=False)
+    torch.testing.assert_close(forced["z"], forced["mu"])              # z~ = mu without sampling
+    meta = _meta(model)
+    meta.switch = _FirstStepSwitch()
+    out = meta(e, lengths, sample=False)
+    assert out["beta"][:, 0].min() > 0.999 and out["beta"][:, 1:].max() < 1e-6
+    torch.testing.assert_close(out["z"], out["mu"][:, :1].expand_as(out["z"]))   # the first code, kept
+
+
+def test_metacontroller_low_rank_controller_is_b_a_transpose(data):
+    """The decoded controller applies e + U e with U = B A^T, built explicitly, per step."""
+    model = _model()
+    meta = _meta(model)
+    torch.manual_seed(3)
+    z, e = torch.randn(2, 5, 8), torch.randn(2, 5, 32)
+    control = meta.decode(z)
+    U = control.B @ control.A.transpose(-1, -2)
+    torch.testing.assert_close(control(e), torch.einsum("btij,btj->bti", U, e))
+
+
+def test_every_metacontroller_parameter_gets_a_gradient(data):
+    """The loss reaches every parameter, the switching unit and the non-causal embedding included."""
+    model, batch = _model(), data[0].batch(np.arange(8), "cpu")
+    etarl.freeze(model)
+    meta = _meta(model)
+    etarl.meta_loss(model, meta, batch, alpha=0.1)["loss"].backward()
+    for name, p in meta.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_metacontroller_loss_ignores_padding(data):
+    """Appending masked garbage steps changes neither the action NLL nor the KL."""
+    model, eps = _model(), data[0]
+    etarl.freeze(model)
+    meta = _meta(model)
+    i, j = int(np.argmin(eps.lengths)), int(np.argmax(eps.lengths))
+    short = eps.batch([i], "cpu")
+    garbage = eps.batch([j], "cpu")
+    padded = {k: v for k, v in short.items()}
+    padded["obs"] = torch.cat([short["obs"], garbage["obs"][:, :10]], 1)
+    padded["actions"] = torch.cat([short["actions"], garbage["actions"][:, :10]], 1)
+    padded["mask"] = torch.cat([short["mask"], torch.zeros(1, 10, dtype=torch.bool)], 1)
+    a = etarl.meta_loss(model, meta, short, 0.1, sample=False)
+    b = etarl.meta_loss(model, meta, padded, 0.1, sample=False)
+    torch.testing.assert_close(a["action_nll"], b["action_nll"])
+    torch.testing.assert_close(a["kl"], b["kl"])
+
+
+def test_zero_decoder_leaves_the_base_model_unchanged(data):
+    """With f_hyp's output layer at zero (U = 0), the controlled model is exactly the base model."""
+    model, batch = _model(), data[0].batch(np.arange(4), "cpu")
+    meta = _meta(model)
+    torch.nn.init.zeros_(meta.hyper[-1].weight)
+    obs = batch["obs"][:, :-1]
+    controlled = model(obs, etarl.MetaControl(meta, batch["mask"].sum(1)))["logits"]
+    torch.testing.assert_close(controlled, model(obs)["logits"], rtol=0, atol=0)
+
+
+def test_metacontroller_training_lowers_the_loss_and_leaves_the_base_frozen(trained):
+    """A short run lowers the Eq. (3) loss on held-out episodes; the frozen base model does not move."""
+    model, _, train, test = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = test.batch(np.arange(200), "cpu")
+    cfg = etarl.MetaConfig(steps=80, batch_size=32, lr=3e-3, alpha=0.05)
+    untrained = _meta(model, **{k: getattr(cfg, k) for k in ("alpha",)})
+    meta, history = etarl.train_metacontroller(model, train, cfg, progress=False)
+    with torch.no_grad():
+        start = etarl.meta_loss(model, untrained, batch, cfg.alpha, sample=False)["loss"]
+        end = etarl.meta_loss(model, meta, batch, cfg.alpha, sample=False)["loss"]
+    assert end < start - 0.02
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_switch_alignment_scores_known_cases():
+    """Switches exactly on the boundaries give F1 = 1; always switching gives low precision; +-1 tolerated."""
+    subgoal = np.array([[0, 0, 0, 1, 1, 1, 2, 2, 2, -1]])
+    mask = subgoal >= 0
+    exact = np.array([[1, 0, 0, 1, 0, 0, 1, 0, 0, 0]], float)
+    s = etarl.switch_alignment(exact, subgoal, mask)
+    assert s["f1"] == 1.0 and s["switches_per_episode"] == 3 == s["subgoals_per_episode"]
+    assert s["quasi_binary"] == 1.0
+    late = np.array([[1, 0, 0, 0, 1, 0, 0, 1, 0, 0]], float)
+    assert etarl.switch_alignment(late, subgoal, mask)["f1"] == 1.0
+    always = np.ones((1, 10)) * 0.8
+    s = etarl.switch_alignment(always, subgoal, mask)
+    assert s["precision"] < 0.3 and s["recall"] == 1.0 and s["quasi_binary"] == 0.0
+    assert etarl.switching_regime(s) == "always switching"
+
+
+def test_code_purity_is_one_for_codes_that_name_their_subgoal():
+    """Segments whose codes cluster by subgoal have purity 1; random codes do not."""
+    rng = np.random.default_rng(0)
+    g = np.repeat(rng.integers(0, 4, (60, 3)), 5, axis=1)             # 3 segments of 5 steps per episode
+    beta = np.zeros(g.shape)
+    beta[:, ::5] = 1
+    centres = rng.normal(size=(4, 8)) * 5
+    outputs = {"beta": beta, "subgoal": g, "mask": np.ones(g.shape, bool), "z": centres[g] + rng.normal(size=g.shape + (8,)) * 0.1}
+    assert etarl.code_purity(outputs) == 1.0
+    outputs["z"] = rng.normal(size=g.shape + (8,))
+    assert etarl.code_purity(outputs) < 0.6
