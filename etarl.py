@@ -51,6 +51,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,8 @@ class MetaConfig:
     switch_bias: float = 0.0    # initial bias of the switching unit's logit (0: beta starts near 0.5)
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
+    time_budget_s: float | None = None   # stop early after this many seconds
+    injection_episodes: int = 200        # episodes per subgoal in the code-injection test
 
 
 @dataclass
@@ -168,7 +171,7 @@ PRESETS = {
         pretrain=PretrainConfig(steps=60, batch_size=32, lr=3e-3, warmup=10, eval_every=30),
         probe=ProbeConfig(max_iter=50),
         control=ControlConfig(rank=4, steps=30, batch_size=32, eval_episodes=64),
-        meta=MetaConfig(rank=4, steps=30, batch_size=16),
+        meta=MetaConfig(rank=4, steps=30, batch_size=16, injection_episodes=32),
         sweep=SweepConfig(alphas=(0.0, 1.0), seeds=1, steps=10, co_train_steps=10),
     ),
     # the default: the paper's findings from scratch on 2 CPU cores
@@ -179,6 +182,8 @@ PRESETS = {
         model=ModelConfig(d_model=256, n_layers=6, n_heads=4, d_mlp=512),
         pretrain=PretrainConfig(steps=256_000, batch_size=1024, lr=3e-4, warmup=0, min_lr_frac=1.0,
                                 eval_every=4_000),
+        meta=MetaConfig(steps=64_000, batch_size=512),
+        sweep=SweepConfig(steps=16_000, co_train_steps=64_000),
     ),
 }
 
@@ -392,6 +397,8 @@ class BaseModel(nn.Module):
     def __init__(self, cfg: ModelConfig, obs_dim: int, n_actions: int, grid_size: int = 7):
         super().__init__()
         self.cfg, self.obs_dim, self.n_actions = cfg, obs_dim, n_actions
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         if cfg.encoder == "ego":
             self.encoder = EgoEncoder(obs_dim, cfg.d_model, grid_size)
         elif cfg.encoder == "linear":
@@ -851,7 +858,7 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     by_length = np.argsort(data.lengths, kind="stable")
     history = {k: [] for k in ("loss", "action_nll", "kl", "switch_rate")}
-    bar = tqdm(range(cfg.steps), desc="metacontroller", disable=not progress, mininterval=2)
+    t0, bar = time.time(), tqdm(range(cfg.steps), desc="metacontroller", disable=not progress, mininterval=2)
     for _ in bar:
         batch = data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device)
         out = meta_loss(model, meta, batch, cfg.alpha)
@@ -865,6 +872,8 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
             history[k].append(v.item())
         bar.set_postfix(nll=f"{history['action_nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.2f}",
                         switches=f"{history['switch_rate'][-1]:.2f}")
+        if cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s:
+            break
     if cfg.co_train:
         freeze(model)
     return meta.eval(), history
@@ -883,10 +892,11 @@ def meta_outputs(model: BaseModel, meta: Metacontroller, data: Episodes, batch_s
         pad = T - b["mask"].shape[1]
         keep["beta"].append(F.pad(out["beta"], (0, pad)).cpu().numpy())
         keep["z"].append(F.pad(out["z"], (0, 0, 0, pad)).cpu().numpy())
-        keep["nll"].append(out["action_nll"].item() * len(idx)), keep["kl"].append(out["kl"].item() * len(idx))
+        steps = b["mask"].sum().item()                                # batch means are per valid step
+        keep["nll"].append(out["action_nll"].item() * steps), keep["kl"].append(out["kl"].item() * steps)
     return {"beta": np.concatenate(keep["beta"]), "z": np.concatenate(keep["z"]),
             "mask": np.arange(T) < data.lengths[:, None], "subgoal": data.subgoal[:, :T].astype(np.int64),
-            "action_nll": sum(keep["nll"]) / len(data), "kl": sum(keep["kl"]) / len(data)}
+            "action_nll": sum(keep["nll"]) / data.lengths.sum(), "kl": sum(keep["kl"]) / data.lengths.sum()}
 
 
 def true_boundaries(subgoal: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -920,15 +930,17 @@ def switch_alignment(beta: np.ndarray, subgoal: np.ndarray, mask: np.ndarray, to
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
     """Plain k-means (k-means++ start); returns the cluster of each row."""
-    rng = np.random.default_rng(seed)
+    rng, x = np.random.default_rng(seed), x.astype(np.float64)
     centres = [x[rng.integers(len(x))]]
     for _ in range(1, k):
         d = np.min([((x - c) ** 2).sum(1) for c in centres], 0)
+        if d.sum() == 0:                                              # fewer distinct codes than k
+            break
         centres.append(x[rng.choice(len(x), p=d / d.sum())])
     centres = np.stack(centres)
     for _ in range(iters):
         label = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        centres = np.stack([x[label == j].mean(0) if (label == j).any() else centres[j] for j in range(k)])
+        centres = np.stack([x[label == j].mean(0) if (label == j).any() else centres[j] for j in range(len(centres))])
     return label
 
 
@@ -976,13 +988,16 @@ def code_injection(model: BaseModel, meta: Metacontroller, data: Episodes, n: in
     device = next(model.parameters()).device
     rng, result = np.random.default_rng(seed), {}
     for g in range(4):
+        if not (labels == g).any():                                   # e.g. collapsed: no segment of g
+            result[f"injected_{g}"] = result[f"uncontrolled_{g}"] = float("nan")
+            continue
         pick = rng.choice(np.flatnonzero(labels == g), size=n)
         control = meta.decode(torch.as_tensor(codes[pick], device=device)).step_view()
         task = (2 * g, 2 * g + 1)
         result[f"injected_{g}"] = float(rollout(model, task, n, seed + g, lambda env: control)["success"].mean())
         result[f"uncontrolled_{g}"] = float(rollout(model, task, n, seed + g)["success"].mean())
-    result["injected"] = float(np.mean([result[f"injected_{g}"] for g in range(4)]))
-    result["uncontrolled"] = float(np.mean([result[f"uncontrolled_{g}"] for g in range(4)]))
+    result["injected"] = float(np.nanmean([result[f"injected_{g}"] for g in range(4)]))
+    result["uncontrolled"] = float(np.nanmean([result[f"uncontrolled_{g}"] for g in range(4)]))
     return result
 
 
@@ -1036,7 +1051,11 @@ class Run:
         self.device = torch.device(device) if device else default_device()
         self.dir = Path(out or f"runs/grid-{preset}-s{seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        if (self.dir / "config.json").exists() and _json_load(self.dir / "config.json") != config:
+            raise ValueError(f"{self.dir} holds a run made with another configuration; "
+                             "choose another --out folder or delete that one")
+        _json_save(config, self.dir / "config.json")
         self._memo = {}
 
     def _stage(self, name: str, file: str, make, save, load):
@@ -1045,7 +1064,9 @@ class Run:
             path = self.dir / file
             if not path.exists():
                 t0 = time.time()
-                save(make(), path)
+                tmp = path.with_name(f"{path.stem}.partial{path.suffix}")   # a killed run leaves no half file
+                save(make(), tmp)
+                os.replace(tmp, path)
                 _json_save({**self.times(), name: round(time.time() - t0, 1)}, self.dir / "times.json")
             self._memo[name] = load(path)
         return self._memo[name]
@@ -1114,7 +1135,8 @@ class Run:
             model, meta = self.base_model()[0], self.metacontroller(force)[0]
             test = self.data()[1]
             return {**evaluate_metacontroller(model, meta, test),
-                    **{f"injection_{k}": v for k, v in code_injection(model, meta, test, seed=self.seed).items()}}
+                    **{f"injection_{k}": v for k, v in code_injection(model, meta, test, self.cfg.meta.injection_episodes,
+                                                                    self.seed).items()}}
         return self._stage("meta_eval", "meta_eval.json", make, _json_save, _json_load)
 
     def co_trained(self) -> dict:
@@ -1146,6 +1168,7 @@ class Run:
         """Every stage, then results.json (flat named numbers), the figures and report.md. The metacontroller
         stages run only on a base model that passes the gate (or with force); the sweep only when asked
         (or when its artefact already exists)."""
+        self.data()                                                   # stage by stage, so each time is its own
         history, gate, probes, ctrl = self.base_model()[1], self.gate(), self.probes(), self.controllers()
         print(f"quality gate ({GATE_TEXT}): {'PASSED' if gate['passed'] else 'FAILED'}  "
               f"sp_determined={gate['sp_determined']:.3f} probe_mid={gate['probe_mid']:.3f}")
@@ -1165,9 +1188,9 @@ class Run:
         }
         meta = rd = None
         if gate["passed"] or force:
+            meta = self.metacontroller(force)[0]
             results.update({f"meta_{k}": v for k, v in self.meta_eval(force).items()})
             results.update({f"cotrained_{k}": v for k, v in self.co_trained().items() if k != "history"})
-            meta = self.metacontroller(force)[0]
         else:
             print("metacontroller stages skipped: the base model fails the quality gate (use --force to run anyway)")
         if sweep or (self.dir / "rate_distortion.json").exists():

@@ -434,6 +434,8 @@ def test_bad_configuration_raises_clear_errors():
         etarl.get_preset("huge")
     with pytest.raises(ValueError, match="environment"):
         etarl.build_model(etarl.ModelConfig(), env="mars")
+    with pytest.raises(ValueError, match="n_heads"):
+        etarl.build_model(etarl.ModelConfig(d_model=30, n_heads=4))
     with pytest.raises(ValueError, match="encoder"):
         etarl.build_model(etarl.ModelConfig(encoder="conv3d"))
     with pytest.raises(SystemExit):
@@ -578,3 +580,10 @@ def test_code_purity_is_one_for_codes_that_name_their_subgoal():
     assert etarl.code_purity(outputs) == 1.0
     outputs["z"] = rng.normal(size=g.shape + (8,))
     assert etarl.code_purity(outputs) < 0.6
+
+
+def test_run_folder_refuses_another_configuration(tmp_path):
+    """Reusing a run folder made with another configuration is an error, not a silent mix of artefacts."""
+    etarl.Run("tiny", out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        etarl.Run("cpu", out=str(tmp_path), progress=False)
