@@ -481,6 +481,9 @@ def test_gate_beta_one_takes_the_new_code_and_beta_zero_keeps_the_old(data):
     lengths = batch["mask"].sum(1)
     forced = _meta(model, force_switch=True)(e, lengths, sample=False)
     torch.testing.assert_close(forced["z"], forced["mu"])              # z~ = mu without sampling
+    closed = _meta(model, switch_bias=-100.0)(e, lengths, sample=False)  # a gate that never opens...
+    assert (closed["beta"][:, 0] == 1).all() and closed["beta"][:, 1:].max() < 1e-6
+    torch.testing.assert_close(closed["z"], closed["mu"][:, :1].expand_as(closed["z"]))   # ...keeps z_0 = z~_0
     meta = _meta(model)
     meta.switch = _FirstStepSwitch()
     out = meta(e, lengths, sample=False)
