@@ -479,10 +479,6 @@ class Control:
             return (self.U @ e[..., None])[..., 0]                    # (B, T, D)
         return ((e[..., None, :] @ self.A) @ self.B.transpose(-1, -2))[..., 0, :]   # (B, T, D)
 
-    def matrix(self) -> torch.Tensor:
-        """U itself (for tests and plots)."""
-        return self.U if self.U is not None else self.B @ self.A.transpose(-1, -2)
-
     def step_view(self) -> "Control":
         """The same control for one time step: per-episode tensors (B, D, R) gain the T axis."""
         add_t = lambda x: x if x is None or x.dim() < 3 else x[:, None]
