@@ -344,18 +344,23 @@ def test_cached_step_by_step_equals_full_forward(data, controlled):
     torch.testing.assert_close(torch.stack(step, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def _short_and_padded(eps):
+    """The shortest episode as a batch of its own length, and the same episode followed by 10 masked steps
+    of another episode's frames."""
+    short = eps.batch([int(np.argmin(eps.lengths))], "cpu")
+    garbage = eps.batch([int(np.argmax(eps.lengths))], "cpu")
+    padded = dict(short)
+    for k in ("obs", "actions"):
+        padded[k] = torch.cat([short[k], garbage[k][:, :10]], 1)
+    padded["mask"] = torch.cat([short["mask"], torch.zeros(1, 10, dtype=torch.bool)], 1)
+    return short, padded
+
+
 def test_padding_does_not_change_the_loss(data):
     """Padded steps (mask False) contribute nothing: a batch cut to one episode's length and the same
     episode padded with garbage frames give the same loss."""
-    model, eps = _model(), data[0]
-    i = int(np.argmin(eps.lengths))
-    short = eps.batch([i], "cpu")
-    T = short["actions"].shape[1]
-    padded = {k: v.clone() for k, v in short.items()}
-    garbage = eps.batch([int(np.argmax(eps.lengths))], "cpu")
-    padded["obs"] = torch.cat([short["obs"], garbage["obs"][:, : 10]], 1)
-    padded["actions"] = torch.cat([short["actions"], garbage["actions"][:, :10]], 1)
-    padded["mask"] = torch.cat([short["mask"], torch.zeros(1, 10, dtype=torch.bool)], 1)
+    model = _model()
+    short, padded = _short_and_padded(data[0])
     a, b = model.loss(short), model.loss(padded)
     torch.testing.assert_close(a["action_nll"], b["action_nll"])
     torch.testing.assert_close(a["obs_nll"], b["obs_nll"])
@@ -514,16 +519,9 @@ def test_every_metacontroller_parameter_gets_a_gradient(data):
 
 def test_metacontroller_loss_ignores_padding(data):
     """Appending masked garbage steps changes neither the action NLL nor the KL."""
-    model, eps = _model(), data[0]
-    etarl.freeze(model)
+    model = etarl.freeze(_model())
     meta = _meta(model)
-    i, j = int(np.argmin(eps.lengths)), int(np.argmax(eps.lengths))
-    short = eps.batch([i], "cpu")
-    garbage = eps.batch([j], "cpu")
-    padded = {k: v for k, v in short.items()}
-    padded["obs"] = torch.cat([short["obs"], garbage["obs"][:, :10]], 1)
-    padded["actions"] = torch.cat([short["actions"], garbage["actions"][:, :10]], 1)
-    padded["mask"] = torch.cat([short["mask"], torch.zeros(1, 10, dtype=torch.bool)], 1)
+    short, padded = _short_and_padded(data[0])
     a = etarl.meta_loss(model, meta, short, 0.1, sample=False)
     b = etarl.meta_loss(model, meta, padded, 0.1, sample=False)
     torch.testing.assert_close(a["action_nll"], b["action_nll"])
