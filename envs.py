@@ -363,6 +363,11 @@ class GridPinpadVec:
         padded = np.pad(self.tasks, ((0, 0), (0, 1)), constant_values=-1)
         return padded[np.arange(self.num_envs), self.progress]
 
+    @property
+    def observation(self) -> np.ndarray:
+        """The current observation of every episode (N, C*G*G), as reset and step return it."""
+        return self._obs()
+
     def _obs(self):
         return grid_observation(self.agent, self.colour_cells, self.wall_cells, self.G)  # (N, C*G*G)
 

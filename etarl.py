@@ -10,7 +10,8 @@ bottom in pipeline order:
     5. Pretraining and quality gate ... Eq. 5; does the residual stream know the task?
     6. Probes and supervised control .. linear probes per layer (App. C.2), one controller per subgoal (App. C.3)
     7. Metacontroller ................. Eqs. 2-3, 12-18: latent codes, a switching gate, a hypernetwork (Sec. 3)
-    8. Experiment runner .............. `python etarl.py`: every stage, figures and results.json in a run folder
+    8. Internal RL .................... a causal policy over codes, acting when the gate fires (Sec. 4, Alg. 1)
+    9. Experiment runner .............. `python etarl.py`: every stage, figures and results.json in a run folder
 
 Run:   python etarl.py                     # cpu preset, grid world, writes runs/grid-cpu-s0/
        python etarl.py --preset tiny       # seconds, for a smoke test (add --force: its model fails the gate)
@@ -46,6 +47,27 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     on the code at the end of each switch-delimited segment, scored against the segment's majority
     subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
  9. Supervised controllers train with lr 1e-2 (paper 1e-3): at our 600 steps it fits and steers better.
+10. Post-training task and T: with T = 100, about 0.4% of layouts need more than 100 steps for the
+    12-colour post-training task even for the expert (expert success 0.996 over 100k episodes).
+11. Internal RL: the causal policy is one GRU layer (width 64 at the cpu preset) with a Gaussian head whose
+    std is a free parameter per code dimension, starting at the prior N(0, I) (the paper: a 1-layer Hawk
+    SSM of width 256). Algorithm 1 is written as a hook at layer l of the base model: the policy reads e_t
+    at every step and samples only where the frozen gate fires (identical to returning control to it
+    only then). PPO: 4 passes per batch, clip 0.2, gradients clipped at norm 1; batches in which every
+    episode got the same return are skipped (their advantages are all 0).
+12. RL budget at the cpu preset: batches of 256 episodes (paper 1024), 6,144 episodes per run (paper up
+    to ~1e6), lr scan {3e-4, 3e-3} on seed 0 (paper 3e-6 .. 3e-4), then seeds 1-2 at the best lr.
+    Raw-action RL finetunes every base-model parameter. "Final success" is the median over seeds of the
+    mean batch success over the last quarter of a run; seed 0's run at the chosen lr is one of those
+    seeds (it also chose the lr, a small upward bias). Each method's random codes and random actions
+    draw from separate generators.
+13. CompILE (baseline 4): boundaries follow a discrete hazard model read causally from o_1:t (segment i
+    ends at t with probability sigmoid(l_t) given that it has not ended before) instead of CompILE's
+    softmax over the whole sequence, so that internal RL can fire its gate where sigmoid(l_t) > 0.5;
+    straight-through Gumbel-softmax samples; the Poisson length prior (mean 10 steps) is truncated at
+    the episode's end; a segment's code is read from the mean of its own steps' observation embeddings
+    (the original runs an LSTM over the segment); the per-step edit is sum_i m_i(t) U_i e_t. M = 4
+    segments in training; in RL the gate is not capped.
 """
 from __future__ import annotations
 
@@ -157,6 +179,40 @@ class SweepConfig:
 
 
 @dataclass
+class CompILEConfig:
+    """The CompILE baseline (Kipf et al. 2019; App. C.4.3, Tables A11-A12), sized like the metacontroller."""
+    segments: int = 4           # M
+    n_z: int = 8
+    hidden: int = 64
+    hyp_hidden: int = 32
+    rank: int = 16
+    length_mean: float = 10.0   # Poisson prior mean of a segment's length (a colour pair takes ~10 steps)
+    temperature: float = 1.0    # Gumbel-softmax temperature of the boundaries
+    alpha_z: float = 0.1        # weight of KL(q(z_i) || N(0, I))
+    alpha_b: float = 0.1        # weight of KL(q(b_i) || truncated Poisson prior)
+    steps: int = 1_500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.03
+
+
+@dataclass
+class RLConfig:
+    """Internal RL and its baselines (App. C.5, D.3; Table A13). Paper (grid): batch 1024 episodes, AdamW
+    lr 3e-5 scanned over 3e-6 .. 3e-4, a 1-layer SSM policy of width 256, up to ~1e6 episodes."""
+    episodes: int = 6_144       # episodes per RL run
+    batch_episodes: int = 256
+    lrs: tuple = (3e-4, 3e-3)   # each method's lr scan (seed 0); the best lr then runs every seed
+    seeds: int = 3
+    epochs: int = 4             # PPO passes over each batch
+    clip: float = 0.2
+    weight_decay: float = 0.0
+    hidden: int = 64            # the policy's recurrent width
+    base_episodes: int = 20_000  # episodes sampled to estimate the pretrained model's own success
+    task: str = "0-1-2-3-4-5-6-7-0-1-2-3"
+
+
+@dataclass
 class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,6 +221,8 @@ class Preset:
     control: ControlConfig = field(default_factory=ControlConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    compile: CompILEConfig = field(default_factory=CompILEConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 PRESETS = {
@@ -177,6 +235,8 @@ PRESETS = {
         control=ControlConfig(rank=4, steps=30, batch_size=32, eval_episodes=64),
         meta=MetaConfig(rank=4, steps=30, batch_size=16, injection_episodes=32),
         sweep=SweepConfig(alphas=(0.0, 1.0), seeds=1, steps=10, co_train_steps=10),
+        compile=CompILEConfig(hidden=16, rank=4, steps=20, batch_size=16),
+        rl=RLConfig(episodes=64, batch_episodes=32, lrs=(1e-3,), seeds=2, hidden=16, base_episodes=256),
     ),
     # the default: the paper's findings from scratch on 2 CPU cores
     "cpu": Preset(),
@@ -187,7 +247,10 @@ PRESETS = {
         pretrain=PretrainConfig(steps=256_000, batch_size=1024, lr=3e-4, warmup=0, min_lr_frac=1.0,
                                 eval_every=4_000),
         meta=MetaConfig(steps=64_000, batch_size=512),
+        compile=CompILEConfig(steps=64_000, batch_size=512),
         sweep=SweepConfig(steps=16_000, co_train_steps=64_000),
+        rl=RLConfig(episodes=1_024_000, batch_episodes=1024, lrs=(3e-6, 3e-5, 3e-4), hidden=256,
+                    base_episodes=1_000_000),
     ),
 }
 
@@ -702,22 +765,26 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
     control_fn(env) -> Control or None is asked before each step (it may read env.target: that is
     how the supervised controllers are switched; the metacontroller will decide by itself).
     Key/value caching makes each step cost O(t) instead of re-running the whole history. With
-    record=True the observations (n, T+1, O), actions (n, T), agent cells and layouts come back too.
+    record=True the observations (n, T+1, O), actions (n, T), their log-probabilities under the acting
+    model (n, T), agent cells (n, T+1) and layouts come back too. Steps after an episode's end (t >= length)
+    are padding: the model keeps acting there and the environment ignores it.
     """
     model.eval()
     device = next(model.parameters()).device
     env = envs.GridPinpadVec(n, task=task)
     obs, _ = env.reset(seed=seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    cache, reward, trace = model.new_cache(), np.zeros(n), {"obs": [obs], "actions": [], "agent": [env.agent.copy()]}
+    cache, reward = model.new_cache(), np.zeros(n)
+    trace = {"obs": [obs], "actions": [], "logp": [], "agent": [env.agent.copy()]}
     while not env.done.all():
         control = control_fn(env) if control_fn is not None else None
         logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
-        a = (logits.argmax(-1) if greedy else CategoricalHead.sample(logits, gen)).cpu().numpy()
-        obs, r, *_ = env.step(a)
+        a = logits.argmax(-1) if greedy else CategoricalHead.sample(logits, gen)
+        obs, r, *_ = env.step(a.cpu().numpy())
         reward += r
         if record:
-            trace["obs"].append(obs), trace["actions"].append(a), trace["agent"].append(env.agent.copy())
+            trace["obs"].append(obs), trace["actions"].append(a.cpu().numpy()), trace["agent"].append(env.agent.copy())
+            trace["logp"].append(CategoricalHead.log_prob(logits, a).cpu().numpy())
     out = {"success": reward > 0, "length": env.t.copy(), "progress": env.progress.copy()}
     if record:
         out.update({k: np.stack(v, 1) for k, v in trace.items()},
@@ -753,6 +820,16 @@ def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
 
 
+def hyper_control(hyper: nn.Module, z: torch.Tensor, layer: int, D: int, rank: int) -> Control:
+    """A hypernetwork's output for codes z (..., n_z) read as a controller at `layer`: the two factors of a
+    rank-R U = B A^T, or a full D x D U when rank is 0."""
+    w = hyper(z)
+    if rank > 0:
+        A, B = w.unflatten(-1, (2, D, rank)).unbind(-3)                  # (..., D, R) each
+        return Control(layer, A=A, B=B)
+    return Control(layer, U=w.unflatten(-1, (D, D)))
+
+
 class Metacontroller(nn.Module):
     """A variational, recurrent hypernetwork that reads the residual stream e_1:T at layer l and writes
     one controller U_t per step, switching to a new latent code only when its gate beta_t says so.
@@ -786,12 +863,17 @@ class Metacontroller(nn.Module):
 
     def decode(self, z: torch.Tensor) -> Control:
         """Eq. (18): U = f_hyp(z), as a Control at this metacontroller's layer; z (..., n_z)."""
-        D, R = self.D, self.cfg.rank
-        w = self.hyper(z)
-        if R > 0:
-            A, B = w.unflatten(-1, (2, D, R)).unbind(-3)              # (..., D, R) each
-            return Control(self.layer, A=A, B=B)
-        return Control(self.layer, U=w.unflatten(-1, (D, D)))
+        return hyper_control(self.hyper, z, self.layer, self.D, self.cfg.rank)
+
+    def gate_step(self, state, e: torch.Tensor, obs: torch.Tensor, z_prev: torch.Tensor):
+        """The causal gate alone, one step at a time, for internal RL: fire = H(beta_t - 0.5) from
+        (e_t, h_t-1, z_t-1) for e (n, D); state is h_t-1 (None before the first step, which always fires)."""
+        if state is None or self.cfg.force_switch:
+            fire = torch.ones(len(e), dtype=torch.bool, device=e.device)
+        else:
+            fire = self.switch(torch.cat([e, state[0], z_prev], -1))[:, 0] > 0   # beta > 0.5 <=> logit > 0
+        _, state = self.history(e[:, None], state)
+        return fire, state
 
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, sample: bool = True) -> dict:
         """e (B, T, D) residual stream at layer l; returns z (B, T, n_z), beta (B, T), mu, logvar and
@@ -1002,14 +1084,18 @@ def code_injection(model: BaseModel, meta: Metacontroller, data: Episodes, n: in
     return result
 
 
-def save_meta(meta: Metacontroller, path) -> None:
-    torch.save({"cfg": dataclasses.asdict(meta.cfg), "d_model": meta.D, "layer": meta.layer,
-                "state": meta.state_dict()}, path)
+def save_meta(meta, path) -> None:
+    """Save a Metacontroller or a CompILE model with what it takes to rebuild it."""
+    torch.save({"kind": type(meta).__name__, "cfg": dataclasses.asdict(meta.cfg), "d_model": meta.D,
+                "layer": meta.layer, "obs_dim": getattr(meta, "obs_dim", None), "state": meta.state_dict()}, path)
 
 
-def load_meta(path, device=None) -> Metacontroller:
+def load_meta(path, device=None):
     ckpt = torch.load(path, map_location=device or "cpu")
-    meta = Metacontroller(ckpt["d_model"], ckpt["layer"], MetaConfig(**ckpt["cfg"]))
+    if ckpt.get("kind") == "CompILE":
+        meta = CompILE(ckpt["obs_dim"], ckpt["d_model"], ckpt["layer"], CompILEConfig(**ckpt["cfg"]))
+    else:
+        meta = Metacontroller(ckpt["d_model"], ckpt["layer"], MetaConfig(**ckpt["cfg"]))
     meta.load_state_dict(ckpt["state"])
     return meta.to(device or "cpu").eval()
 
@@ -1032,7 +1118,360 @@ def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, te
 
 
 # ==================================================================================================
-# 8. Experiment runner: `python etarl.py`
+# 8. Internal RL: reinforcement learning in the metacontroller's latent space (Sec. 4, Algorithm 1)
+# ==================================================================================================
+class CompILE(nn.Module):
+    """Baseline 4: CompILE (Kipf et al. 2019) in place of the metacontroller (App. C.4.3).
+
+    It reads the raw observations, cuts each episode into at most M segments with Gumbel-softmax boundaries
+    under a Poisson prior on segment lengths, infers one Gaussian code per segment from the observations
+    inside it, and decodes each code into a controller of the frozen base model at layer l with the same
+    kind of hypernetwork as the metacontroller: the edit at step t is sum_i m_i(t) U_i e_t, where m_i marks
+    the steps of segment i.
+
+    Boundaries follow a discrete hazard model read causally from o_1:t: segment i, begun at s, ends at t > s
+    with probability sigmoid(l_t) prod_{s<u<t} (1 - sigmoid(l_u)) (the rest of the mass: it runs to the end).
+    In internal RL the gate fires where sigmoid(l_t) > 0.5, the analogue of H(beta_t - 0.5). CompILE's own
+    boundary distribution is a softmax over the whole sequence, which no causal policy could use.
+    """
+
+    def __init__(self, obs_dim: int, d_model: int, layer: int, cfg: CompILEConfig):
+        super().__init__()
+        self.obs_dim, self.D, self.layer, self.cfg = obs_dim, d_model, layer, cfg
+        self.embed = mlp(obs_dim, cfg.hidden, cfg.hidden)
+        self.boundary_rnn = nn.GRU(cfg.hidden, cfg.hidden, batch_first=True)
+        self.boundary = nn.Linear(cfg.hidden, 1)
+        self.encoder = mlp(cfg.hidden, cfg.hidden, 2 * cfg.n_z)
+        self.hyper = mlp(cfg.n_z, cfg.hyp_hidden, 2 * d_model * cfg.rank if cfg.rank > 0 else d_model * d_model)
+        nn.init.normal_(self.hyper[-1].weight, std=0.05), nn.init.zeros_(self.hyper[-1].bias)
+
+    def decode(self, z: torch.Tensor) -> Control:
+        return hyper_control(self.hyper, z, self.layer, self.D, self.cfg.rank)
+
+    def gate_step(self, state, e: torch.Tensor, obs: torch.Tensor, z_prev: torch.Tensor):
+        """Internal RL's gate: the first step fires, later ones where the boundary hazard exceeds 0.5."""
+        out, new_state = self.boundary_rnn(self.embed(obs)[:, None], state)
+        if state is None:
+            return torch.ones(len(obs), dtype=torch.bool, device=obs.device), new_state
+        return self.boundary(out[:, 0])[:, 0] > 0, new_state
+
+    def forward(self, obs: torch.Tensor, lengths: torch.Tensor, sample: bool = True) -> dict:
+        """obs (B, T, O) -> segment masks (B, M, T), codes z (B, M, n_z) and the two KL terms per episode.
+        sample=False takes the most likely boundaries and the codes' means (for evaluation)."""
+        B, T, _ = obs.shape
+        cfg, t = self.cfg, torch.arange(T, device=obs.device)
+        x = self.embed(obs)
+        hazard = self.boundary(self.boundary_rnn(x)[0])[..., 0]          # (B, T) logits, causal
+        valid = t < lengths[:, None]
+        start = torch.zeros(B, dtype=torch.long, device=obs.device)      # s_i, the step segment i begins
+        begun = torch.ones(B, T, device=obs.device)                     # segment i has begun by step t
+        masks, kl_b = [], torch.zeros(B, device=obs.device)
+        for i in range(cfg.segments):
+            if i == cfg.segments - 1:                                   # the last segment runs to the end
+                b = F.one_hot(torch.full_like(start, T), T + 1).float()
+            else:
+                log_q, log_p = segment_end_distributions(hazard, start, valid, cfg.length_mean)
+                q = log_q.exp()
+                kl_b = kl_b + torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(1)
+                b = F.gumbel_softmax(log_q, tau=cfg.temperature, hard=True) if sample else \
+                    F.one_hot(log_q.argmax(1), T + 1).float()
+            ended = b[:, :T].cumsum(1)                                  # 1 from segment i's end on
+            masks.append(begun * (1 - ended) * valid)
+            begun, start = ended, b.argmax(1)
+        masks = torch.stack(masks, 1)                                   # (B, M, T)
+        pooled = torch.einsum("bmt,btd->bmd", masks, x) / masks.sum(-1, keepdim=True).clamp(min=1)
+        mu, logvar = self.encoder(pooled).chunk(2, -1)                  # a code sees only its own segment
+        z = mu + (logvar / 2).exp() * torch.randn_like(mu) if sample else mu
+        used = (masks.sum(-1) > 0).float()                              # (B, M): empty segments cost nothing
+        kl_z = (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1) * used).sum(1)
+        return {"z": z, "masks": masks, "hazard": hazard, "kl_z": kl_z, "kl_b": kl_b}
+
+
+def segment_end_distributions(hazard: torch.Tensor, start: torch.Tensor, valid: torch.Tensor, length_mean: float):
+    """Where does a segment begun at step `start` end? Over the slots t = 0..T-1 (a new segment begins at t)
+    and slot T (it runs to the episode's end), for hazard logits (B, T), start (B,), valid (B, T):
+      log q: the posterior, q(t) = sigmoid(l_t) prod_{start<u<t} (1 - sigmoid(l_u)) for start < t < length;
+      log p: the prior, a Poisson(length_mean) over the length t - start >= 1, its tail on slot T.
+    Both sum to 1 over the slots; slots at or before `start` and past the episode get probability 0."""
+    t = torch.arange(hazard.shape[1], device=hazard.device)
+    live = (t > start[:, None]) & valid
+    go = F.logsigmoid(-hazard) * live
+    log_q = (F.logsigmoid(hazard) + go.cumsum(1) - go).masked_fill(~live, -math.inf)
+    log_q = torch.cat([log_q, go.sum(1, keepdim=True)], 1)
+    k = (t - start[:, None]).clamp(min=1).float()
+    log_p = k * math.log(length_mean) - length_mean - torch.lgamma(k + 1) - math.log1p(-math.exp(-length_mean))
+    log_p = log_p.masked_fill(~live, -math.inf)
+    tail = (1 - log_p.exp().sum(1, keepdim=True)).clamp(min=1e-8).log()
+    return log_q, torch.cat([log_p, tail], 1)
+
+
+class SegmentControl:
+    """The CompILE edit: sum_i m_i(t) U_i e_t, one low-rank (or full) controller per segment, weighted by
+    the (straight-through) segment masks."""
+
+    def __init__(self, control: Control, masks: torch.Tensor):
+        self.layer, self.control, self.masks = control.layer, control, masks   # control: (B, M, 1, ...)
+
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        return (self.masks[..., None] * self.control(e[:, None])).sum(1)      # (B, M, T, D) -> (B, T, D)
+
+
+def compile_loss(model: BaseModel, cpl: CompILE, batch: dict, sample: bool = True) -> dict:
+    """CompILE's ELBO with the base model as decoder: action NLL under the segment-wise control, plus
+    alpha_z KL of the codes and alpha_b KL of the boundaries (both per valid step of the batch)."""
+    m = batch["mask"].float()
+    out = cpl(batch["obs"][:, :-1], batch["mask"].sum(1), sample)
+    control = SegmentControl(cpl.decode(out["z"][:, :, None]), out["masks"])
+    nll = model.loss(batch, control, obs_loss=False)["action_nll"]
+    kl_z, kl_b = out["kl_z"].sum() / m.sum(), out["kl_b"].sum() / m.sum()
+    return {**out, "loss": nll + cpl.cfg.alpha_z * kl_z + cpl.cfg.alpha_b * kl_b, "action_nll": nll,
+            "kl_z": kl_z, "kl_b": kl_b}                                 # batch means replace the per-episode KLs
+
+
+def train_compile(model: BaseModel, data: Episodes, cfg: CompILEConfig, seed: int = 0,
+                  progress: bool = True) -> tuple[CompILE, dict]:
+    """Fit CompILE on expert data with the base model frozen (its parameters never train)."""
+    device = next(model.parameters()).device
+    freeze(model)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cpl = CompILE(model.obs_dim, model.cfg.d_model, len(model.blocks) // 2, cfg).to(device)
+    opt = torch.optim.AdamW(cpl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    by_length = np.argsort(data.lengths, kind="stable")
+    history = {k: [] for k in ("loss", "action_nll", "kl_z", "kl_b")}
+    for _ in tqdm(range(cfg.steps), desc="CompILE", disable=not progress, mininterval=2):
+        out = compile_loss(model, cpl, data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(cpl.parameters(), 1.0)
+        opt.step()
+        for k in history:
+            history[k].append(out[k].item())
+    return cpl.eval(), history
+
+
+@torch.no_grad()
+def evaluate_compile(model: BaseModel, cpl: CompILE, data: Episodes, batch_size: int = 256) -> dict:
+    """Held-out action NLL and KLs, and how CompILE's causal boundaries (hazard > 0.5, the gate internal
+    RL uses) line up with the true subgoal boundaries, scored like the metacontroller's switches."""
+    device, T = next(model.parameters()).device, int(data.lengths.max())
+    betas, sums = [], {"action_nll": 0.0, "kl_z": 0.0, "kl_b": 0.0}
+    for i in range(0, len(data), batch_size):
+        b = data.batch(np.arange(i, min(i + batch_size, len(data))), device)
+        out = compile_loss(model, cpl, b, sample=False)
+        for k in sums:
+            sums[k] += out[k].item() * b["mask"].sum().item()
+        beta = torch.sigmoid(out["hazard"])
+        beta[:, 0] = 1                                                  # the first step always takes a code
+        betas.append(F.pad(beta, (0, T - beta.shape[1])).cpu().numpy())
+    mask = np.arange(T) < data.lengths[:, None]
+    stats = switch_alignment(np.concatenate(betas), data.subgoal[:, :T].astype(np.int64), mask)
+    stats.update({k: v / data.lengths.sum() for k, v in sums.items()})
+    stats["regime"] = switching_regime(stats)
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in stats.items()}
+
+
+class CodePolicy(nn.Module):
+    """The causal policy pi(z_t | e_1:t) of internal RL: one recurrent layer over the residual stream at
+    layer l and a diagonal Gaussian over the n_z-dim code. The mean head starts at zero and the std at
+    one, so the untrained policy samples codes from the metacontroller's prior N(0, I)."""
+
+    def __init__(self, d_model: int, n_z: int, hidden: int):
+        super().__init__()
+        self.rnn = nn.GRU(d_model, hidden, batch_first=True)
+        self.mean = nn.Linear(hidden, n_z)
+        self.log_std = nn.Parameter(torch.zeros(n_z))
+        nn.init.zeros_(self.mean.weight), nn.init.zeros_(self.mean.bias)
+
+    def forward(self, e: torch.Tensor, state=None):
+        """e (B, T, D) -> (mean (B, T, n_z), new recurrent state)."""
+        x, state = self.rnn(e, state)
+        return self.mean(x), state
+
+    def log_prob(self, mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; mean, diag(std^2)) summed over the code dims."""
+        std = self.log_std.exp()
+        return (-0.5 * ((z - mean) / std) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class InternalAgent:
+    """Algorithm 1, written as the residual-stream hook of the controlled base model.
+
+    The internal environment's state is the residual stream e_t at layer l, the switching unit's history
+    h_t-1 and previous code z_t-1, and the key/value caches of the base model's lower and upper blocks
+    (kept by `rollout`). At each step the frozen switching unit decides, from (e_t, h_t-1, z_t-1), whether
+    the binarised gate H(beta_t - 0.5) fires; only then the policy samples a new code z_t ~ pi(. | e_1:t)
+    (the abstract action); otherwise z_t = z_t-1. The frozen decoder turns z_t into U_t, and the base model
+    acts with e_t + U_t e_t. Everything the PPO update needs is recorded: e_t, the firing mask, the codes
+    and their log-probabilities at acting time.
+    """
+
+    def __init__(self, meta, policy: CodePolicy, n: int, generator: torch.Generator):
+        self.layer, self.meta, self.policy, self.gen = meta.layer, meta, policy, generator
+        device = next(policy.parameters()).device
+        self.gate_state, self.state, self.obs = None, None, None      # switching unit's and policy's states
+        self.z = torch.zeros(n, meta.cfg.n_z, device=device)
+        self.trace = {"e": [], "fire": [], "z": [], "logp": []}
+
+    def at(self, env) -> "InternalAgent":
+        """rollout's control_fn: note the current observation (a gate that reads raw inputs, like CompILE's,
+        needs it) and return the hook."""
+        self.obs = torch.as_tensor(env.observation, device=self.z.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        """e (n, 1, D) -> U_t e_t (n, 1, D)."""
+        fire, self.gate_state = self.meta.gate_step(self.gate_state, e[:, 0], self.obs, self.z)
+        mean, self.state = self.policy(e, self.state)
+        mean = mean[:, 0]
+        sample = mean + self.policy.log_std.exp() * torch.randn(mean.shape, generator=self.gen, device=e.device)
+        self.z = torch.where(fire[:, None], sample, self.z)
+        for k, v in (("e", e[:, 0]), ("fire", fire), ("z", self.z), ("logp", self.policy.log_prob(mean, self.z))):
+            self.trace[k].append(v)
+        return self.meta.decode(self.z[:, None])(e)
+
+    def record(self) -> dict:
+        return {k: torch.stack(v, 1) for k, v in self.trace.items()}    # (n, T, ...)
+
+
+class InternalRL:
+    """The learner of internal RL: a CodePolicy acting through a frozen metacontroller's switching unit
+    and decoder on a frozen base model. `act` runs a batch of episodes; `log_prob` replays the policy
+    over the stored residual streams (no base-model forward needed) for the PPO update."""
+
+    def __init__(self, model: BaseModel, meta: Metacontroller, hidden: int):
+        self.model, self.meta = freeze(model), freeze(meta)
+        device = next(model.parameters()).device
+        self.policy = CodePolicy(model.cfg.d_model, meta.cfg.n_z, hidden).to(device)
+
+    def parameters(self):
+        return self.policy.parameters()
+
+    def act(self, task, n: int, seed: int) -> dict:
+        device = next(self.policy.parameters()).device
+        agent = InternalAgent(self.meta, self.policy, n, torch.Generator(device=device).manual_seed(seed + 10**9))
+        out = rollout(self.model, task, n, seed, agent.at)              # the actions draw from their own stream
+        rec = agent.record()
+        valid = torch.arange(rec["fire"].shape[1], device=device) < torch.as_tensor(out["length"], device=device)[:, None]
+        return {"success": out["success"], "e": rec["e"], "z": rec["z"], "old_logp": rec["logp"],
+                "mask": rec["fire"] & valid, "decisions": (rec["fire"] & valid).sum(1).float().mean().item()}
+
+    def log_prob(self, batch: dict) -> torch.Tensor:
+        mean, _ = self.policy(batch["e"])
+        return self.policy.log_prob(mean, batch["z"])                     # (n, T)
+
+
+class RawActionRL:
+    """Baseline 1: the same RL on the base model's own action distribution (every parameter trains)."""
+
+    def __init__(self, model: BaseModel):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def act(self, task, n: int, seed: int) -> dict:
+        out = rollout(self.model, task, n, seed, record=True)
+        device = next(self.model.parameters()).device
+        T = out["actions"].shape[1]
+        return {"success": out["success"], "obs": torch.as_tensor(out["obs"][:, :T], device=device),
+                "actions": torch.as_tensor(out["actions"], device=device),
+                "old_logp": torch.as_tensor(out["logp"], device=device),
+                "mask": torch.arange(T, device=device) < torch.as_tensor(out["length"], device=device)[:, None],
+                "decisions": float(out["length"].mean())}
+
+    def log_prob(self, batch: dict) -> torch.Tensor:
+        return CategoricalHead.log_prob(self.model(batch["obs"])["logits"], batch["actions"])
+
+
+def ppo_update(learner, opt, batch: dict, cfg: RLConfig) -> None:
+    """PPO-clip without a critic (App. C.5): advantage = (R - mean R) / (std R + 1e-3) over the batch's
+    episodes, shared by every decision of an episode; no entropy bonus. The surrogate is averaged over all
+    decisions of the batch (an episode with more decisions weighs more). A batch where every episode got
+    the same return carries no signal and is skipped."""
+    R = torch.as_tensor(batch["success"], dtype=torch.float32, device=batch["old_logp"].device)
+    if R.std() == 0:
+        return
+    adv = ((R - R.mean()) / (R.std() + 1e-3))[:, None]
+    m = batch["mask"].float()
+    for _ in range(cfg.epochs):
+        log_ratio = torch.where(batch["mask"], learner.log_prob(batch) - batch["old_logp"], 0.0)   # no inf * 0
+        ratio = log_ratio.exp()
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+        loss = -(surrogate * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(learner.parameters()), 1.0)
+        opt.step()
+
+
+def train_rl(learner, task, cfg: RLConfig, lr: float, seed: int = 0, progress: bool = True, desc: str = "RL") -> dict:
+    """On-policy RL from the sparse reward: batches of episodes, one PPO update per batch. Returns the
+    success rate of every batch against the number of episodes run so far."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(learner.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    history = {"episodes": [], "success": [], "decisions": []}
+    n_batches = max(1, cfg.episodes // cfg.batch_episodes)
+    for i in tqdm(range(n_batches), desc=desc, disable=not progress, leave=False):
+        batch = learner.act(task, cfg.batch_episodes, seed * 10**7 + i * cfg.batch_episodes)
+        history["episodes"].append((i + 1) * cfg.batch_episodes)
+        history["success"].append(float(batch["success"].mean()))
+        history["decisions"].append(batch["decisions"])
+        ppo_update(learner, opt, batch, cfg)
+    return history
+
+
+def success_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate (95% by default); meaningful at zero successes too."""
+    p, d = successes / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rl_experiment(learners: dict, task, cfg: RLConfig, progress: bool = True) -> dict:
+    """Fig. 8: every method with the same RL. For each, an lr scan on seed 0, then seeds 1.. at the lr whose
+    last quarter of batches had the highest success. learners maps a method's name to a function that
+    builds a fresh learner (it is called after the seed is set)."""
+    out = {}
+    for name, make in learners.items():
+        def run_one(lr, seed):
+            torch.manual_seed(seed)
+            learner = make()
+            return learner, train_rl(learner, task, cfg, lr, seed, progress, desc=f"{name} lr={lr:g} seed={seed}")
+        scan = {lr: run_one(lr, 0) for lr in cfg.lrs}
+        tail = lambda h: float(np.mean(h["success"][-max(1, len(h["success"]) // 4):]))
+        best = max(cfg.lrs, key=lambda lr: tail(scan[lr][1]))
+        runs = [scan[best][1]] + [run_one(best, seed)[1] for seed in range(1, cfg.seeds)]
+        out[name] = {"lr": best, "scan": {str(lr): tail(h) for lr, (_, h) in scan.items()}, "runs": runs,
+                     "final_success": float(np.median([tail(h) for h in runs])), "learner": scan[best][0]}
+    return out
+
+
+def rl_summary(rl: dict) -> dict:
+    """Flat named numbers of the internal-RL stage for results.json: per method its lr, final success
+    (median over seeds of the mean success over the last quarter of batches), the successful episodes of
+    all its runs together (0: RL never had a signal, and its lr was picked by a tie), and the episodes each
+    seed needed to reach a batch success >= 0.9 (median; None when a seed never did)."""
+    flat = {}
+    for name, r in rl.items():
+        if name == "base":
+            continue
+        reached = [next((e for e, s in zip(h["episodes"], h["success"]) if s >= 0.9), None) for h in r["runs"]]
+        solved = sum(round(s * h["episodes"][0]) for h in r["runs"] for s in h["success"])   # episodes[0]: batch
+        flat.update({f"rl_{name}_lr": r["lr"], f"rl_{name}_final_success": r["final_success"],
+                     f"rl_{name}_successes": int(solved), f"rl_{name}_episodes": r["runs"][0]["episodes"][-1],
+                     f"rl_{name}_episodes_to_0.9": None if None in reached else float(np.median(reached))})
+    k, n = rl["base"]["successes"], rl["base"]["episodes"]
+    flat.update({"base_post_task_successes": k, "base_post_task_episodes": n,
+                 "base_post_task_ci95_low": rl["base"]["interval"][0], "base_post_task_ci95_high": rl["base"]["interval"][1]})
+    return flat
+
+
+# ==================================================================================================
+# 9. Experiment runner: `python etarl.py`
 # ==================================================================================================
 class Run:
     """One run folder and its stages, in pipeline order. Each stage makes its artefact once, saves it,
@@ -1071,6 +1510,14 @@ class Run:
                 _json_save({**self.times(), name: round(time.time() - t0, 1)}, self.dir / "times.json")
             self._memo[name] = load(path)
         return self._memo[name]
+
+    def _module_stage(self, name: str, file: str, record: str, make):
+        """A stage whose artefacts are a metacontroller or CompILE model (`file`) and a JSON record;
+        make() returns both."""
+        def save(made, path):
+            _json_save(made[1], self.dir / record)
+            save_meta(made[0], path)
+        return self._stage(name, file, make, save, lambda p: load_meta(p, self.device)), _json_load(self.dir / record)
 
     def data(self) -> tuple[Episodes, Episodes]:
         """Expert episodes: training set and a disjoint held-out set (seed ranges never overlap)."""
@@ -1119,16 +1566,9 @@ class Run:
         def make():
             if not force:
                 require_gate(self.gate(), "metacontroller")
-            meta, history = train_metacontroller(freeze(self.base_model()[0]), self.data()[0], self.cfg.meta,
-                                                 self.seed, self.progress)
-            return meta, history
-
-        def save(made, path):
-            _json_save(made[1], self.dir / "meta_history.json")
-            save_meta(made[0], path)
-
-        meta = self._stage("metacontroller", "meta.pt", make, save, lambda p: load_meta(p, self.device))
-        return meta, _json_load(self.dir / "meta_history.json")
+            return train_metacontroller(freeze(self.base_model()[0]), self.data()[0], self.cfg.meta, self.seed,
+                                        self.progress)
+        return self._module_stage("metacontroller", "meta.pt", "meta_history.json", make)
 
     def meta_eval(self, force: bool = False) -> dict:
         """Switch alignment, code purity and code injection of the frozen-base metacontroller."""
@@ -1140,15 +1580,75 @@ class Run:
                                                                     self.seed).items()}}
         return self._stage("meta_eval", "meta_eval.json", make, _json_save, _json_load)
 
-    def co_trained(self) -> dict:
-        """The same metacontroller trained jointly with a fresh base model (App. C.4.2), evaluated alike."""
+    def co_trained(self) -> tuple[BaseModel, Metacontroller, dict]:
+        """The same metacontroller trained jointly with a fresh base model (App. C.4.2): the base model,
+        the metacontroller, and their evaluation (like meta_eval's, without code injection)."""
         def make():
             torch.manual_seed(self.seed)
             model = build_model(self.cfg.model).to(self.device)
             cfg = dataclasses.replace(self.cfg.meta, co_train=True, steps=self.cfg.sweep.co_train_steps)
             meta, history = train_metacontroller(model, self.data()[0], cfg, self.seed, self.progress)
-            return {**evaluate_metacontroller(model, meta, self.data()[1]), "history": history}
-        return self._stage("co_trained", "co_trained.json", make, _json_save, _json_load)
+            return model, meta, {**evaluate_metacontroller(model, meta, self.data()[1]), "history": history}
+
+        def save(made, path):
+            save_model(made[0], self.dir / "co_base.pt")
+            _json_save(made[2], self.dir / "co_trained.json")
+            save_meta(made[1], path)
+
+        meta = self._stage("co_trained", "co_meta.pt", make, save, lambda p: load_meta(p, self.device))
+        model = load_model(self.dir / "co_base.pt", device=self.device)
+        return model, meta, _json_load(self.dir / "co_trained.json")
+
+    def meta_forced(self) -> tuple[Metacontroller, dict]:
+        """Baseline 2's metacontroller: beta forced to 1 at every step (no temporal abstraction, App. C.4.1)."""
+        def make():
+            cfg = dataclasses.replace(self.cfg.meta, force_switch=True)
+            meta, history = train_metacontroller(freeze(self.base_model()[0]), self.data()[0], cfg, self.seed,
+                                                 self.progress)
+            return meta, {**evaluate_metacontroller(self.base_model()[0], meta, self.data()[1]), "history": history}
+        return self._module_stage("meta_forced", "meta_forced.pt", "meta_forced.json", make)
+
+    def compile_model(self) -> tuple[CompILE, dict]:
+        """Baseline 4's CompILE model on the frozen base model, and its evaluation."""
+        def make():
+            model = freeze(self.base_model()[0])
+            cpl, history = train_compile(model, self.data()[0], self.cfg.compile, self.seed, self.progress)
+            return cpl, {**evaluate_compile(model, cpl, self.data()[1]), "history": history}
+        return self._module_stage("compile", "compile.pt", "compile.json", make)
+
+    def internal_rl(self, force: bool = False) -> dict:
+        """Fig. 8: internal RL and the baselines on the post-training task, and the pretrained model's own
+        success there (a Wilson interval over many sampled episodes)."""
+        def make():
+            if not force:
+                require_gate(self.gate(), "internal RL")
+            base, rl = self.base_model()[0], self.cfg.rl
+            meta, forced, (co_base, co_meta, _) = self.metacontroller(force)[0], self.meta_forced()[0], self.co_trained()
+            cpl = self.compile_model()[0]
+            learners = {"internal": lambda: InternalRL(base, meta, rl.hidden),
+                        "raw_action": lambda: RawActionRL(base),
+                        "forced_switch": lambda: InternalRL(base, forced, rl.hidden),
+                        "co_trained": lambda: InternalRL(co_base, co_meta, rl.hidden),
+                        "compile": lambda: InternalRL(base, cpl, rl.hidden)}
+            task = envs.parse_task(rl.task)
+            result = rl_experiment(learners, task, rl, self.progress)
+            chunks = [min(2_000, rl.base_episodes - i) for i in range(0, rl.base_episodes, 2_000)]
+            k = sum(int(rollout(base, task, n, 10**8 + 2_000 * i)["success"].sum()) for i, n in enumerate(chunks))
+            result["base"] = {"successes": k, "episodes": rl.base_episodes,
+                              "interval": success_interval(k, rl.base_episodes)}
+            return result
+
+        def save(result, path):
+            torch.save(result["internal"]["learner"].policy.state_dict(), self.dir / "rl_policy.pt")
+            _json_save({k: {kk: vv for kk, vv in v.items() if kk != "learner"} for k, v in result.items()}, path)
+        return self._stage("internal_rl", "internal_rl.json", make, save, _json_load)
+
+    def rl_learner(self, force: bool = False) -> InternalRL:
+        """The internal-RL learner of seed 0 at its best lr, reloaded from rl_policy.pt."""
+        self.internal_rl(force)
+        learner = InternalRL(self.base_model()[0], self.metacontroller(force)[0], self.cfg.rl.hidden)
+        learner.policy.load_state_dict(torch.load(self.dir / "rl_policy.pt", map_location=self.device))
+        return learner
 
     def rate_distortion(self, force: bool = False) -> list[dict]:
         """Fig. 7's sweep (long: run it on purpose with --sweep, ideally on a GPU)."""
@@ -1191,7 +1691,11 @@ class Run:
         if gate["passed"] or force:
             meta = self.metacontroller(force)[0]
             results.update({f"meta_{k}": v for k, v in self.meta_eval(force).items()})
-            results.update({f"cotrained_{k}": v for k, v in self.co_trained().items() if k != "history"})
+            results.update({f"cotrained_{k}": v for k, v in self.co_trained()[2].items() if k != "history"})
+            results.update({f"forced_{k}": v for k, v in self.meta_forced()[1].items() if k != "history"})
+            results.update({f"compile_{k}": v for k, v in self.compile_model()[1].items() if k != "history"})
+            rl = self.internal_rl(force)
+            results.update(rl_summary(rl))
         else:
             print("metacontroller stages skipped: the base model fails the quality gate (use --force to run anyway)")
         if sweep or (self.dir / "rate_distortion.json").exists():
@@ -1203,6 +1707,10 @@ class Run:
             _save_figure(plot_switching(self.base_model()[0], meta, self.data()[1]), self.dir / "switching.png")
         if rd is not None:
             _save_figure(plot_rate_distortion(rd), self.dir / "rate_distortion.png")
+        if meta is not None:
+            _save_figure(plot_internal_rl(rl), self.dir / "internal_rl.png")
+            _save_figure(plot_abstract_actions(self.rl_learner(force), envs.parse_task(cfg.rl.task), self.seed),
+                         self.dir / "abstract_actions.png")
         write_report(self.dir, results)
         return results
 
@@ -1280,6 +1788,65 @@ def plot_rate_distortion(rows: list):
     fig.colorbar(sc, label="switch F1")
     ax.set(xlabel="distortion: action NLL", ylabel="rate: KL", title="Rate-distortion (Fig. 7)")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+RL_LABELS = {"internal": "internal RL", "raw_action": "raw-action RL", "forced_switch": "forced switching",
+             "co_trained": "co-trained metacontroller", "compile": "CompILE"}
+
+
+def plot_internal_rl(rl: dict):
+    """Fig. 8 / A5: success on the post-training task against episodes, median and 25-75% band over seeds,
+    on a linear and a log scale; the dashed line is the upper end of the pretrained model's 95% interval."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (name, label) in enumerate(RL_LABELS.items()):
+        if name not in rl:
+            continue
+        x = np.array(rl[name]["runs"][0]["episodes"])
+        y = np.array([h["success"] for h in rl[name]["runs"]])
+        lo, med, hi = np.percentile(y, [25, 50, 75], axis=0)
+        for ax in axes:
+            ax.plot(x, med, c=f"C{i}", label=f"{label} (lr {rl[name]['lr']:g})")
+            ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.25)
+    for ax in axes:
+        ax.axhline(rl["base"]["interval"][1], c="grey", ls="--", lw=1, label="pretrained model (95% upper)")
+        ax.set(xlabel="episodes", ylabel="success rate")
+    axes[0].set(ylim=(-0.02, 1.02), title="Internal RL on the post-training task (Fig. 8)")
+    axes[1].set_yscale("symlog", linthresh=1e-3)                        # linear below 1e-3, so 0 is drawn
+    axes[1].set(ylim=(0, 1.05), title="log scale (Fig. A5)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_abstract_actions(learner: InternalRL, task, seed: int = 0, n: int = 64):
+    """The abstract actions the internal-RL policy takes: the path of one episode (a solved one if any of n
+    is) drawn on the start frame, each segment between two firings of the switch in its own colour."""
+    import matplotlib.pyplot as plt
+
+    device = next(learner.policy.parameters()).device
+    agent = InternalAgent(learner.meta, learner.policy, n, torch.Generator(device=device).manual_seed(seed + 10**9))
+    out = rollout(learner.model, task, n, seed, agent.at, record=True)
+    i = int(np.argmax(out["progress"] + 100 * out["success"]))           # solved, else the furthest
+    T, fire = int(out["length"][i]), agent.record()["fire"][i].cpu().numpy()
+    G, cell = 7, 40
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(envs.render_grid(out["agent"][i, 0], out["colour_cells"][i], out["wall_cells"][i], G, cell))
+    rows, cols = np.divmod(out["agent"][i, :T + 1], G)
+    seg = np.cumsum(fire[:T]) - 1
+    jitter = np.random.default_rng(0).uniform(-4, 4, (T + 1, 2))          # overlapping moves stay visible
+    for t in range(T):
+        ax.plot((cols[t:t + 2] + 0.5) * cell + jitter[t:t + 2, 0], (rows[t:t + 2] + 0.5) * cell + jitter[t:t + 2, 1],
+                c=f"C{seg[t] % 10}", lw=2.5)
+        if fire[t]:
+            ax.text((cols[t] + 0.5) * cell, (rows[t] + 0.5) * cell, str(seg[t] + 1), fontsize=11, weight="bold",
+                    ha="center", va="center", color="white", bbox=dict(boxstyle="circle", fc=f"C{seg[t] % 10}"))
+    ax.set_title(f"{'solved' if out['success'][i] else 'unsolved'} episode: progress {out['progress'][i]}/{len(task)}, "
+                 f"{int(fire[:T].sum())} abstract actions", fontsize=9)
+    ax.axis("off")
     fig.tight_layout()
     return fig
 

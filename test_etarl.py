@@ -588,3 +588,185 @@ def test_run_folder_refuses_another_configuration(tmp_path):
     etarl.Run("tiny", out=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="another configuration"):
         etarl.Run("cpu", out=str(tmp_path), progress=False)
+
+
+# ==================================================================================================
+# Internal RL (etarl.py section 8)
+# ==================================================================================================
+def _internal(force_switch=False, switch_bias=0.0):
+    model = _model()
+    meta = _meta(model, rank=4, force_switch=force_switch).eval()
+    with torch.no_grad():
+        meta.switch[-1].bias.fill_(switch_bias)
+        meta.hyper[-1].weight.mul_(20)                                # a decoder with a visible effect
+    return etarl.InternalRL(model, meta, hidden=16)
+
+
+def test_internal_rl_acts_only_when_the_switch_fires_and_matches_the_full_forward_pass():
+    """Algorithm 1: the code changes only where H(beta - 0.5) fires (always at t = 0), the gate is the
+    metacontroller's own switching unit, and the acting-time action log-probs equal a full forward pass
+    over the recorded observations with the recorded codes decoded into controllers."""
+    learner = _internal(switch_bias=0.3)
+    agent = etarl.InternalAgent(learner.meta, learner.policy, 16, torch.Generator().manual_seed(0))
+    out = etarl.rollout(learner.model, "0-1-2-3", 16, seed=5, control_fn=agent.at, record=True)
+    rec, T = agent.record(), out["actions"].shape[1]
+    fire, z, e = rec["fire"], rec["z"], rec["e"]
+    assert fire[:, 0].all() and 0 < fire[:, 1:].float().mean() < 1
+    changed = (z[:, 1:] != z[:, :-1]).any(-1)
+    assert not (changed & ~fire[:, 1:]).any()                         # no new code without a firing
+    assert (changed == fire[:, 1:]).all()                             # and a new one at every firing
+    h, _ = learner.meta.history(e)
+    h_prev = F.pad(h, (0, 0, 1, 0))[:, :-1]
+    beta = torch.sigmoid(learner.meta.switch(torch.cat([e[:, 1:], h_prev[:, 1:], z[:, :-1]], -1)))[..., 0]
+    torch.testing.assert_close(fire[:, 1:], beta > 0.5, rtol=0, atol=0)
+    logits = learner.model(torch.as_tensor(out["obs"][:, :T]), control=learner.meta.decode(z))["logits"]
+    logp = etarl.CategoricalHead.log_prob(logits, torch.as_tensor(out["actions"]))
+    live = np.arange(T) < out["length"][:, None]
+    np.testing.assert_allclose(logp.detach().numpy()[live], out["logp"][live], atol=1e-4)
+
+
+@pytest.mark.parametrize("force_switch", [False, True])
+def test_policy_replay_gives_the_log_probs_recorded_while_acting(force_switch):
+    """The PPO update replays the policy over stored residual streams: same log-probs as at acting time."""
+    learner = _internal(force_switch)
+    batch = learner.act("0-1-2-3", 16, seed=2)
+    if force_switch:
+        valid = np.arange(batch["mask"].shape[1]) < batch["mask"].sum(1).numpy()[:, None]
+        assert batch["mask"].numpy()[valid].all()                    # a new code at every live step
+    torch.testing.assert_close(learner.log_prob(batch)[batch["mask"]], batch["old_logp"][batch["mask"]])
+    length = batch["mask"].shape[1] - batch["mask"].flip(1).int().argmax(1)   # one past the last decision
+    padding = torch.arange(batch["mask"].shape[1]) >= length[:, None]
+    assert not (batch["mask"] & padding).any() and batch["mask"][:, 0].all()
+
+
+def test_raw_action_replay_gives_the_log_probs_recorded_while_acting():
+    learner = etarl.RawActionRL(_model())
+    batch = learner.act("0-1-2-3", 16, seed=2)
+    m = batch["mask"]
+    torch.testing.assert_close(learner.log_prob(batch)[m], batch["old_logp"][m], atol=1e-5, rtol=0)
+
+
+class _Bandit:
+    """A one-step 'environment': success when a Gaussian action's first coordinate exceeds 1."""
+
+    def __init__(self, reward_depends_on_action=True):
+        self.mean, self.depends = torch.nn.Parameter(torch.zeros(2)), reward_depends_on_action
+
+    def parameters(self):
+        return [self.mean]
+
+    def act(self, task, n, seed):
+        z = self.mean.detach() + torch.randn(n, 1, 2, generator=torch.Generator().manual_seed(seed))
+        win = z[:, 0, 0] > 1 if self.depends else torch.rand(n, generator=torch.Generator().manual_seed(-seed - 1)) < 0.2
+        return {"success": win.numpy(), "z": z, "old_logp": self.log_prob({"z": z}).detach(),
+                "mask": torch.ones(n, 1, dtype=torch.bool), "decisions": 1.0}
+
+    def log_prob(self, batch):
+        return -0.5 * ((batch["z"] - self.mean) ** 2).sum(-1)
+
+
+def test_ppo_raises_the_success_of_rewarded_actions_and_ignores_noise():
+    """The critic-free PPO of App. C.5 moves the policy towards rewarded actions; a reward that does not
+    depend on the action, or a batch where every return is equal, leaves it (nearly) where it was."""
+    cfg = etarl.RLConfig(episodes=30 * 128, batch_episodes=128)
+    bandit = _Bandit()
+    history = etarl.train_rl(bandit, None, cfg, lr=0.05, progress=False)
+    assert np.mean(history["success"][:3]) < 0.25 and np.mean(history["success"][-3:]) > 0.6
+    assert bandit.mean.detach()[0] > 3                                # well past the threshold at 1
+    noise = _Bandit(reward_depends_on_action=False)
+    history = etarl.train_rl(noise, None, cfg, lr=0.05, progress=False)
+    assert noise.mean.detach().abs().max() < 1.5 and np.mean(history["success"][-3:]) < 0.3   # a random walk
+    flat = _Bandit()
+    batch = flat.act(None, 64, 0)
+    batch["success"][:] = False
+    etarl.ppo_update(flat, torch.optim.AdamW(flat.parameters(), lr=1.0), batch, cfg)
+    assert (flat.mean.detach() == 0).all()
+
+
+def test_ppo_ignores_masked_steps():
+    """Steps outside the mask (no decision, or padding) do not move the policy, whatever their log-probs."""
+    def update(old_logp_at_masked):
+        torch.manual_seed(0)
+        bandit = _Bandit()
+        batch = bandit.act(None, 64, 0)
+        batch["success"][:8] = True
+        batch["z"] = torch.cat([batch["z"], torch.full_like(batch["z"], 50.0)], 1)     # a second, masked step
+        batch["old_logp"] = torch.cat([batch["old_logp"], torch.full_like(batch["old_logp"], old_logp_at_masked)], 1)
+        batch["mask"] = torch.cat([batch["mask"], torch.zeros_like(batch["mask"])], 1)
+        etarl.ppo_update(bandit, torch.optim.AdamW(bandit.parameters(), lr=0.1), batch, etarl.RLConfig())
+        return bandit.mean.detach()
+    moved = update(0.0)
+    assert moved.abs().sum() > 0 and torch.isfinite(moved).all()
+    torch.testing.assert_close(update(-1e4), moved)                   # would overflow exp() if not masked
+
+
+def test_segment_end_distributions_are_normalised_and_respect_the_episode():
+    torch.manual_seed(0)
+    hazard, start = torch.randn(5, 12), torch.tensor([0, 3, 7, 10, 11])
+    valid = torch.arange(12) < torch.tensor([12, 9, 12, 11, 12])[:, None]
+    log_q, log_p = etarl.segment_end_distributions(hazard, start, valid, 4.0)
+    for log_d in (log_q, log_p):
+        torch.testing.assert_close(log_d.exp().sum(1), torch.ones(5))
+        impossible = torch.cat([(torch.arange(12) <= start[:, None]) | ~valid, torch.zeros(5, 1, dtype=torch.bool)], 1)
+        assert (log_d.exp()[impossible] == 0).all()
+    assert log_q[3, -1].exp() == 1                                    # begun at the last valid step: runs to the end
+
+
+def test_success_interval_covers_zero_successes():
+    lo, hi = etarl.success_interval(0, 20_000)
+    assert lo == 0 and 3 / 20_000 < hi < 4 / 20_000           # about the 'rule of three'
+    lo, hi = etarl.success_interval(30, 100)
+    assert lo < 0.3 < hi
+
+
+def _compile(model, **kw):
+    torch.manual_seed(0)
+    cfg = etarl.CompILEConfig(**{"hidden": 16, "rank": 4, "length_mean": 4.0, **kw})
+    return etarl.CompILE(model.obs_dim, model.cfg.d_model, len(model.blocks) // 2, cfg)
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_compile_segments_partition_each_episode(data, sample):
+    """The M segment masks are 0/1, disjoint, contiguous, and cover exactly the valid steps."""
+    model, batch = _model(), data[0].batch(np.arange(24), "cpu")
+    out = _compile(model)(batch["obs"][:, :-1], batch["mask"].sum(1), sample=sample)
+    masks = out["masks"].detach()
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(masks.sum(1), batch["mask"].float())
+    for ep in masks:
+        for m in ep:
+            on = torch.nonzero(m)[:, 0]
+            assert len(on) == 0 or (on == torch.arange(on[0], on[-1] + 1)).all()
+    assert (out["kl_b"] >= -1e-5).all() and (out["kl_z"] >= 0).all()
+    assert (masks.sum(-1) > 0).sum(1).float().mean() > 1               # episodes do get cut
+
+
+def test_compile_gate_step_matches_its_training_time_hazard(data):
+    """Internal RL's CompILE gate, run step by step, fires exactly where the hazard of the full pass > 0.5."""
+    model, batch = _model(), data[0].batch(np.arange(8), "cpu")
+    cpl = _compile(model)
+    with torch.no_grad():
+        obs = batch["obs"][:, :-1]
+        cpl.boundary.bias -= cpl(obs, batch["mask"].sum(1))["hazard"].median()   # hazards on both sides of 0.5
+        hazard = cpl(obs, batch["mask"].sum(1))["hazard"]
+        state, fires = None, []
+        for t in range(obs.shape[1]):
+            fire, state = cpl.gate_step(state, None, obs[:, t], None)
+            fires.append(fire)
+    fires = torch.stack(fires, 1)
+    assert fires[:, 0].all()
+    torch.testing.assert_close(fires[:, 1:], hazard[:, 1:] > 0, rtol=0, atol=0)
+    assert 0 < fires[:, 1:].float().mean() < 1
+
+
+def test_every_compile_parameter_gets_a_gradient_and_a_zero_decoder_changes_nothing(data):
+    model, batch = _model(), data[0].batch(np.arange(16), "cpu")
+    cpl = _compile(model)
+    etarl.compile_loss(model, cpl, batch)["loss"].backward()
+    for name, p in cpl.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        cpl.hyper[-1].weight.zero_()
+        cpl.hyper[-1].bias.zero_()
+        nll = etarl.compile_loss(model, cpl, batch)["action_nll"]
+    torch.testing.assert_close(nll, model.loss(batch, obs_loss=False)["action_nll"])
