@@ -163,6 +163,8 @@ class MetaConfig:
     weight_decay: float = 0.03
     switch_bias: float = 0.0    # initial bias of the switching unit's logit (0: beta starts near 0.5)
     kl_warmup: int = 0          # steps over which alpha ramps up linearly from 0 (0: the paper's plain Eq. 3)
+    gumbel_switch: bool = False  # in training, beta is a straight-through Gumbel-sigmoid sample (0 or 1)
+    switch_temperature: float = 1.0
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
     time_budget_s: float | None = None   # stop early after this many seconds
@@ -820,6 +822,14 @@ def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
 
 
+def gumbel_sigmoid(logit: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """A binary sample of sigmoid(logit) with a straight-through gradient: the forward value is 0 or 1, the
+    backward pass is that of the relaxed sample sigmoid((logit + logistic noise) / temperature)."""
+    u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logit + u.log() - (-u).log1p()) / temperature)
+    return (soft > 0.5).float() + (soft - soft.detach())                # exactly 0 or 1 going forward
+
+
 def hyper_control(hyper: nn.Module, z: torch.Tensor, layer: int, D: int, rank: int) -> Control:
     """A hypernetwork's output for codes z (..., n_z) read as a controller at `layer`: the two factors of a
     rank-R U = B A^T, or a full D x D U when rank is 0."""
@@ -889,7 +899,9 @@ class Metacontroller(nn.Module):
             if self.cfg.force_switch or t == 0:                       # at t = 0 there is no code to keep
                 beta = torch.ones(B, 1, device=e.device)
             else:
-                beta = torch.sigmoid(self.switch(torch.cat([e[:, t], h_prev[:, t], z], -1)))   # Eq. (16)
+                logit = self.switch(torch.cat([e[:, t], h_prev[:, t], z], -1))           # Eq. (16)
+                beta = gumbel_sigmoid(logit, self.cfg.switch_temperature) if self.cfg.gumbel_switch and \
+                    self.training else torch.sigmoid(logit)
             z = beta * z_tilde[:, t] + (1 - beta) * z                 # Eq. (17)
             zs.append(z), betas.append(beta[:, 0])
         z = torch.stack(zs, 1)                                        # (B, T, n_z)

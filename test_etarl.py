@@ -770,3 +770,15 @@ def test_every_compile_parameter_gets_a_gradient_and_a_zero_decoder_changes_noth
         cpl.hyper[-1].bias.zero_()
         nll = etarl.compile_loss(model, cpl, batch)["action_nll"]
     torch.testing.assert_close(nll, model.loss(batch, obs_loss=False)["action_nll"])
+
+
+def test_gumbel_sigmoid_switch_is_binary_with_the_right_mean_and_a_gradient():
+    """The Gumbel-sigmoid switch (MetaConfig.gumbel_switch) samples beta in {0, 1} with P(1) = sigmoid(logit)
+    and passes a gradient to the logit."""
+    torch.manual_seed(0)
+    logit = torch.tensor([-2.0, 0.0, 1.5]).repeat(20_000, 1).requires_grad_(True)
+    beta = etarl.gumbel_sigmoid(logit)
+    assert set(beta.detach().unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(beta.detach().mean(0), torch.sigmoid(logit[0].detach()), atol=0.01, rtol=0)
+    beta.sum().backward()
+    assert (logit.grad > 0).all()
