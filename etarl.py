@@ -527,27 +527,38 @@ class BaseModel(nn.Module):
 # ==================================================================================================
 @dataclass
 class Control:
-    """A linear edit of the residual stream, e <- e + U e, before block `layer`.
+    """A linear edit of the residual stream, e <- e + U e, before block `layer`, in one of three forms:
 
-    Low rank: U = B A^T with A, B of shape (..., D, R), applied as (e A) B^T in O(D R) per token,
-    never building a D x D matrix. Full: U of shape (..., D, D). Leading dims broadcast against
-    the residual's (B, T), so one U can be shared or each token can have its own.
+      low rank:  U = B A^T with A, B (..., D, R), applied as (e A) B^T in O(D R) per token;
+      mixture:   U = sum_j mix_j bank_j + bias, a per-token mixture (..., J) of J shared full matrices
+                 bank (J, D, D), applied as sum_j mix_j (bank_j e) + bias e: full rank without a D x D
+                 matrix per token (a hypernetwork's last layer, or a one-hot choice among controllers);
+      explicit:  U (..., D, D), for small examples and tests.
+    Leading dims broadcast against the residual's (B, T), so one U can be shared or each token can have its own.
     """
     layer: int
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
     U: torch.Tensor | None = None
+    mix: torch.Tensor | None = None
+    bank: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def __call__(self, e: torch.Tensor) -> torch.Tensor:
         """U e for e (B, T, D)."""
         if self.U is not None:
             return (self.U @ e[..., None])[..., 0]                    # (B, T, D)
+        if self.bank is not None:
+            edits = torch.einsum("jde,...e->...jd", self.bank, e)     # (B, T, J, D): every bank_j e
+            out = (self.mix[..., None] * edits).sum(-2)
+            return out if self.bias is None else out + e @ self.bias.transpose(-1, -2)
         return ((e[..., None, :] @ self.A) @ self.B.transpose(-1, -2))[..., 0, :]   # (B, T, D)
 
     def step_view(self) -> "Control":
-        """The same control for one time step: per-episode tensors (B, D, R) gain the T axis."""
+        """The same control for one time step: per-episode tensors (B, D, R), (B, D, D) or (B, J) gain the T axis."""
         add_t = lambda x: x if x is None or x.dim() < 3 else x[:, None]
-        return Control(self.layer, add_t(self.A), add_t(self.B), add_t(self.U))
+        mix = self.mix if self.mix is None or self.mix.dim() < 2 else self.mix[:, None]
+        return Control(self.layer, add_t(self.A), add_t(self.B), add_t(self.U), mix, self.bank, self.bias)
 
 
 # ==================================================================================================
@@ -727,7 +738,7 @@ class SubgoalControllers(nn.Module):
         k = subgoal.clamp(min=0)
         if self.rank > 0:
             return Control(self.layer, A=self.A[k], B=self.B[k])
-        return Control(self.layer, U=self.U[k])
+        return Control(self.layer, mix=F.one_hot(k, len(self.U)).to(self.U.dtype), bank=self.U)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -832,12 +843,13 @@ def gumbel_sigmoid(logit: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 def hyper_control(hyper: nn.Module, z: torch.Tensor, layer: int, D: int, rank: int) -> Control:
     """A hypernetwork's output for codes z (..., n_z) read as a controller at `layer`: the two factors of a
-    rank-R U = B A^T, or a full D x D U when rank is 0."""
-    w = hyper(z)
+    rank-R U = B A^T, or, when rank is 0, a full U = W h + b (h the hidden units, W and b the last layer's
+    weight and bias) kept as a mixture of J = len(h) shared D x D matrices, never one per token."""
     if rank > 0:
-        A, B = w.unflatten(-1, (2, D, rank)).unbind(-3)                  # (..., D, R) each
+        A, B = hyper(z).unflatten(-1, (2, D, rank)).unbind(-3)          # (..., D, R) each
         return Control(layer, A=A, B=B)
-    return Control(layer, U=w.unflatten(-1, (D, D)))
+    last = hyper[-1]
+    return Control(layer, mix=hyper[:-1](z), bank=last.weight.T.reshape(-1, D, D), bias=last.bias.view(D, D))
 
 
 class Metacontroller(nn.Module):

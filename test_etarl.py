@@ -304,6 +304,23 @@ def test_low_rank_edit_equals_explicit_matrix():
         torch.testing.assert_close(etarl.Control(0, U=U)(e), explicit)
 
 
+def test_full_rank_mixture_edit_equals_explicit_matrix():
+    """The full-rank forms never build a D x D matrix per token and still apply U e exactly: a mixture of
+    shared matrices, a full-rank hypernetwork (U = W h + b) and full-rank subgoal controllers."""
+    torch.manual_seed(0)
+    e, bank, bias, mix = torch.randn(3, 5, 16), torch.randn(6, 16, 16), torch.randn(16, 16), torch.randn(3, 5, 6)
+    U = torch.einsum("btj,jde->btde", mix, bank) + bias
+    torch.testing.assert_close(etarl.Control(0, mix=mix, bank=bank, bias=bias)(e), etarl.Control(0, U=U)(e))
+    hyper, z = etarl.mlp(8, 6, 16 * 16), torch.randn(3, 5, 8)
+    explicit = etarl.Control(0, U=hyper(z).unflatten(-1, (16, 16)))(e)
+    torch.testing.assert_close(etarl.hyper_control(hyper, z, 0, 16, rank=0)(e), explicit)
+    ctrl = etarl.SubgoalControllers(4, 16, layer=0, rank=0)
+    torch.nn.init.normal_(ctrl.U)
+    k = torch.randint(0, 4, (3, 5))
+    torch.testing.assert_close(ctrl(k)(e), etarl.Control(0, U=ctrl.U[k])(e))
+    torch.testing.assert_close(ctrl(k[:, 0]).step_view()(e[:, :1]), etarl.Control(0, U=ctrl.U[k[:, 0], None])(e[:, :1]))
+
+
 def test_zero_controller_leaves_the_model_unchanged(data):
     """A freshly made controller (B = 0) and U = 0 give exactly the base model's logits."""
     model, batch = _model(), data[0].batch(np.arange(8), "cpu")
@@ -593,20 +610,21 @@ def test_run_folder_refuses_another_configuration(tmp_path):
 # ==================================================================================================
 # Internal RL (etarl.py section 8)
 # ==================================================================================================
-def _internal(force_switch=False, switch_bias=0.0):
+def _internal(force_switch=False, switch_bias=0.0, rank=4):
     model = _model()
-    meta = _meta(model, rank=4, force_switch=force_switch).eval()
+    meta = _meta(model, rank=rank, force_switch=force_switch).eval()
     with torch.no_grad():
         meta.switch[-1].bias.fill_(switch_bias)
         meta.hyper[-1].weight.mul_(20)                                # a decoder with a visible effect
     return etarl.InternalRL(model, meta, hidden=16)
 
 
-def test_internal_rl_acts_only_when_the_switch_fires_and_matches_the_full_forward_pass():
+@pytest.mark.parametrize("rank", [4, 0])
+def test_internal_rl_acts_only_when_the_switch_fires_and_matches_the_full_forward_pass(rank):
     """Algorithm 1: the code changes only where H(beta - 0.5) fires (always at t = 0), the gate is the
     metacontroller's own switching unit, and the acting-time action log-probs equal a full forward pass
-    over the recorded observations with the recorded codes decoded into controllers."""
-    learner = _internal(switch_bias=0.3)
+    over the recorded observations with the recorded codes decoded into controllers (low-rank or full)."""
+    learner = _internal(switch_bias=0.3, rank=rank)
     agent = etarl.InternalAgent(learner.meta, learner.policy, 16, torch.Generator().manual_seed(0))
     out = etarl.rollout(learner.model, "0-1-2-3", 16, seed=5, control_fn=agent.at, record=True)
     rec, T = agent.record(), out["actions"].shape[1]
