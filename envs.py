@@ -7,8 +7,10 @@ one pair is one abstract action, or subgoal, of the hierarchy the paper finds in
 Contents, in order: task tables and parsing, the observation, layout sampling, `GridPinpad` (a single
 gymnasium env), `GridPinpadVec` (N episodes stepped at once in numpy, used for data and evaluation),
 shortest-path distances and the expert. Cells are named by flat index `row * G + col` throughout.
-The ant-pinpad environment (same tasks logic on a MuJoCo ant) will live here too; its task tables already do.
+Last, `AntPinpad`: the same task logic on gymnasium's MuJoCo ant, with colours and walls as floor regions.
 """
+import os
+
 import gymnasium
 import numpy as np
 
@@ -201,14 +203,15 @@ def _draw_episode(rng: np.random.Generator, task, G: int, O: int, W: int):
     return task, int(agent[0]), colour_cells[0], wall_cells[0]
 
 
-def _check_sizes(G, O, W, T, task):
+def _check_sizes(G, O, W, T, task, default=(7, 8, 4)):
     for name, value, low in (("G", G, 2), ("O", O, 1), ("W", W, 0), ("T", T, 1)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if O + W + 1 > G * G:
         raise ValueError(f"O + W + 1 = {O + W + 1} objects do not fit on a {G}x{G} grid")
-    if task is None and (G, O, W) != (7, 8, 4):
-        raise ValueError("the pretraining tasks (task=None) are defined for G=7, O=8, W=4 only; pass a task")
+    if task is None and (G, O, W) != default:
+        raise ValueError("the pretraining tasks (task=None) are defined for G=%d, O=%d, W=%d only; pass a task"
+                         % default)
 
 
 class GridPinpad(gymnasium.Env):
@@ -428,3 +431,189 @@ def expert_actions(env: GridPinpadVec, rng: np.random.Generator, eps: float = 0.
         random_safe = np.argmin(np.where(safe, rng.random(safe.shape), np.inf), axis=1)
         action = np.where(rng.random(env.num_envs) < eps, random_safe, action)
     return action.astype(np.int64)
+
+
+# ---------------------------------------------------------------- ant-pinpad (paper App. A.2)
+ANT_CELL = 2.0          # metres per grid cell (the paper does not say; the ant spans about 0.8 m leg to leg)
+ANT_FRAME_SKIP = 5      # physics steps of 0.01 s per env step, as gymnasium's Ant-v5
+
+
+def _ant_xml(G: int) -> str:
+    """Gymnasium's stock ant model, with an overhead camera and one flat, contact-free floor tile per cell
+    (coloured per episode for rendering; they never touch the ant)."""
+    path = os.path.join(os.path.dirname(gymnasium.__file__), "envs", "mujoco", "assets", "ant.xml")
+    xml = open(path).read()
+    half = ANT_CELL / 2 * 0.97
+    tiles = "".join(
+        f'<geom name="tile_{r * G + c}" type="box" size="{half} {half} 0.002" contype="0" conaffinity="0" '
+        f'pos="{(c + 0.5 - G / 2) * ANT_CELL} {(G / 2 - r - 0.5) * ANT_CELL} 0.002" rgba="1 1 1 0"/>'
+        for r in range(G) for c in range(G))
+    camera = f'<camera name="top" pos="0 0 {2.9 * G * ANT_CELL / 2}" xyaxes="1 0 0 0 1 0"/>'
+    xml = xml.replace('material="MatPlane" name="floor"', 'name="floor"', 1)   # a plain floor: the cells show
+    return xml.replace('<body name="torso"', tiles + camera + '<body name="torso"', 1)
+
+
+def ant_cell(xy: np.ndarray, G: int = 4) -> np.ndarray:
+    """Flat cell index row * G + col of floor points (..., 2); -1 off the grid. Row 0 is at +y (the top
+    of the rendered image), column 0 at -x, as in the grid world's pictures."""
+    col = np.floor(xy[..., 0] / ANT_CELL + G / 2).astype(np.int64)
+    row = np.floor(G / 2 - xy[..., 1] / ANT_CELL).astype(np.int64)
+    inside = (row >= 0) & (row < G) & (col >= 0) & (col < G)
+    return np.where(inside, row * G + col, -1)
+
+
+def ant_cell_centre(cell, G: int = 4) -> np.ndarray:
+    """Floor coordinates (..., 2) of the centres of flat cell indices."""
+    row, col = np.divmod(np.asarray(cell), G)
+    return np.stack([(col + 0.5 - G / 2) * ANT_CELL, (G / 2 - row - 0.5) * ANT_CELL], -1)
+
+
+def symlog(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+class AntPinpad(gymnasium.Env):
+    """Ant-pinpad (paper App. A.2): the stock MuJoCo ant must walk onto coloured floor cells in order.
+
+    ## Description
+    The floor holds a G x G grid of ANT_CELL = 2 m cells, centred on the origin, with O uniquely coloured
+    cells and W wall cells; both are regions of the floor, read from the torso's x, y. A colour counts as
+    visited when the torso centre enters its cell from another cell; the task logic is the grid world's.
+    The ant is gymnasium's Ant (8 hinge joints, torques in [-1, 1] with gear 150), stepped 5 physics steps
+    of 0.01 s per env step.
+
+    ## Action Space
+    `Box(-1, 1, (8,), float32)`: the torques, in the model's actuator order (hip_4, ankle_4, hip_1, ankle_1,
+    hip_2, ankle_2, hip_3, ankle_3; not the joint order of qpos).
+
+    ## Observation Space
+    `Box(-inf, inf, (27 + 2 + 2 (O + W) + 2,), float32)`, 41 for the defaults, in this order:
+      [0:27]   symlog of the proprioception: qpos[2:] (torso height, orientation quaternion, 8 joint angles)
+               and qvel (torso linear and angular velocity, 8 joint velocities);
+      [27:29]  global torso x, y divided by G * ANT_CELL / 2 (so the grid spans [-1, 1]);
+      [29:29+2O]       each colour cell's centre minus the torso x, y, divided by G * ANT_CELL;
+      [29+2O:29+2O+2W] the same for each wall cell;
+      [-2:]    the torso's position inside its cell, in [0, 1]^2 (x from the cell's left, y from its bottom).
+    The task is not observed.
+
+    ## Rewards
+    1 on the step that completes the task, 0 otherwise.
+
+    ## Starting State
+    Task (uniform over the 16 pretraining tasks of Table A2 if none was given), then a solvable layout as in
+    the grid world (`sample_layout`); the torso starts at a uniform point of the start cell (kept 0.3 m from
+    its edges), 0.75 m high, with a uniform yaw; joint angles and all velocities get uniform noise in +-0.1.
+
+    ## Episode End
+    Terminated on completing the task (reward 1), on visiting a wrong colour, when the torso centre is in a
+    wall cell or off the grid, or when the torso height leaves [0.2, 1.0]; truncated after T steps.
+
+    ## Info
+    agent (the torso's cell, -1 off the grid), xy (torso position), colour_cells (O,), wall_cells (W,), task,
+    progress, subgoal (task[progress]: one colour is one abstract action here; -1 once complete), visited
+    (colour entered on this step or -1). For evaluation and plots only; never fed to a model.
+
+    ## Arguments
+    task (None, "0-1-2" or a sequence of ints), G = 4, O = 4, W = 1, T = 500, render_mode (None or
+    "rgb_array"; rendering uses MuJoCo's offscreen renderer: set MUJOCO_GL=egl without a display).
+
+    ## Version History
+    v0: initial version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, task=None, G: int = 4, O: int = 4, W: int = 1, T: int = 500, render_mode=None):
+        os.environ.setdefault("MUJOCO_GL", "egl")                    # offscreen rendering without a display
+        import mujoco
+        _check_sizes(G, O, W, T, task, default=(4, 4, 1))
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.fixed_task = None if task is None else parse_task(task, O)
+        self.G, self.O, self.W, self.T, self.render_mode = G, O, W, T, render_mode
+        self._mj = mujoco
+        self.model = mujoco.MjModel.from_xml_string(_ant_xml(G))
+        self.data = mujoco.MjData(self.model)
+        self.init_qpos = self.model.key_qpos[0].copy() if self.model.nkey else self.model.qpos0.copy()
+        self.init_qpos[2] = 0.75
+        self._tiles = [mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_GEOM, f"tile_{i}") for i in range(G * G)]
+        self._renderer = None
+        n_obs = 27 + 2 + 2 * (O + W) + 2
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (n_obs,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (8,), np.float32)
+
+    def _xy(self) -> np.ndarray:
+        return self.data.qpos[:2].copy()
+
+    def _obs(self) -> np.ndarray:
+        G, xy = self.G, self._xy()
+        proprio = symlog(np.concatenate([self.data.qpos[2:], self.data.qvel]))
+        objects = ant_cell_centre(np.concatenate([self.colour_cells, self.wall_cells]), G) - xy
+        local = (xy / ANT_CELL + G / 2) % 1.0
+        return np.concatenate([proprio, xy / (G * ANT_CELL / 2), objects.ravel() / (G * ANT_CELL), local]).astype(np.float32)
+
+    def _info(self, visited: int) -> dict:
+        done = self.progress == len(self.task)
+        return {"agent": self.cell, "xy": self._xy(), "colour_cells": self.colour_cells.copy(),
+                "wall_cells": self.wall_cells.copy(), "task": self.task, "progress": self.progress,
+                "subgoal": -1 if done else self.task[self.progress], "visited": visited}
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        rng = self.np_random
+        self.task = (ANT_PRETRAIN_TASKS[rng.integers(len(ANT_PRETRAIN_TASKS))] if self.fixed_task is None
+                     else self.fixed_task)
+        start, self.colour_cells, self.wall_cells = sample_layout(rng, self.G, self.O, self.W)
+        mj, qpos = self._mj, self.init_qpos.copy()
+        qpos[:2] = ant_cell_centre(start, self.G) + rng.uniform(-1, 1, 2) * (ANT_CELL / 2 - 0.3)
+        yaw = rng.uniform(-np.pi, np.pi)
+        qpos[3:7] = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
+        qpos[7:] += rng.uniform(-0.1, 0.1, len(qpos) - 7)
+        mj.mj_resetData(self.model, self.data)
+        self.data.qpos[:] = qpos
+        self.data.qvel[:] = rng.uniform(-0.1, 0.1, self.model.nv)
+        mj.mj_forward(self.model, self.data)
+        self.cell, self.progress, self.t = int(start), 0, 0
+        return self._obs(), self._info(-1)
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
+        if action.shape != (8,):
+            raise ValueError(f"action must have shape (8,), got {action.shape}")
+        self.data.ctrl[:] = action
+        self._mj.mj_step(self.model, self.data, nstep=ANT_FRAME_SKIP)
+        self.t += 1
+        before, self.cell = self.cell, int(ant_cell(self._xy(), self.G))
+        visited = -1
+        if self.cell != before and self.cell in self.colour_cells:
+            visited = int(np.flatnonzero(self.colour_cells == self.cell)[0])
+        target = self.task[self.progress] if self.progress < len(self.task) else -1
+        fallen = not 0.2 <= self.data.qpos[2] <= 1.0
+        blocked = self.cell < 0 or self.cell in self.wall_cells
+        terminated = fallen or blocked or (visited >= 0 and visited != target)
+        if visited >= 0 and visited == target and not terminated:
+            self.progress += 1
+            terminated = self.progress == len(self.task)
+        reward = float(self.progress == len(self.task) and terminated)
+        truncated = not terminated and self.t >= self.T
+        return self._obs(), reward, terminated, truncated, self._info(visited)
+
+    def render(self, width: int = 480, height: int = 480):
+        """(height, width, 3) uint8 image from the overhead camera, colour cells and walls drawn on the floor."""
+        if self._renderer is None:
+            self._renderer = self._mj.Renderer(self.model, height, width)
+        rgba = np.tile(np.float32([0.7, 0.75, 0.7, 1]), (self.G * self.G, 1))   # free cells: a shade darker
+        rgba[self.colour_cells, :3], rgba[self.colour_cells, 3] = PALETTE[:self.O] / 255, 1
+        rgba[self.wall_cells] = [0.25, 0.25, 0.25, 1]
+        self.model.geom_rgba[self._tiles] = rgba
+        self._renderer.update_scene(self.data, camera="top")
+        return self._renderer.render()
+
+    def close(self):
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+if "AntPinpad-v0" not in gymnasium.registry:
+    gymnasium.register("AntPinpad-v0", entry_point=AntPinpad)

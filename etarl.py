@@ -68,6 +68,10 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     the episode's end; a segment's code is read from the mean of its own steps' observation embeddings
     (the original runs an LSTM over the segment); the per-step edit is sum_i m_i(t) U_i e_t. M = 4
     segments in training; in RL the gate is not capped.
+14. Ant-pinpad (envs.AntPinpad; the paper leaves these open): cells of 2 m, 5 physics steps of 0.01 s per
+    env step (as Ant-v5), leaving the 4x4 grid ends the episode like a wall, the start point keeps 0.3 m
+    from its cell's edges, layouts are rejection-sampled to be solvable as in the grid, and the
+    observation is scaled as documented in the class (41 numbers).
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from gymnasium.utils.env_checker import check_env
 
+import envs
 import etarl
-
-from envs import (GRID_POST_TASK, GRID_PRETRAIN_TASKS, MOVES, GridPinpad, GridPinpadVec, expert_actions,
+from envs import (GRID_POST_TASK, GRID_PRETRAIN_TASKS, MOVES, AntPinpad, GridPinpad, GridPinpadVec, expert_actions,
                   format_task, grid_distance_to, grid_observation, parse_task, sample_layout)
 
 
@@ -800,3 +800,72 @@ def test_gumbel_sigmoid_switch_is_binary_with_the_right_mean_and_a_gradient():
     torch.testing.assert_close(beta.detach().mean(0), torch.sigmoid(logit[0].detach()), atol=0.01, rtol=0)
     beta.sum().backward()
     assert (logit.grad > 0).all()
+
+
+# ==================================================================================================
+# Ant-pinpad (envs.py)
+# ==================================================================================================
+def test_ant_env_checker_and_vector_env_equal_the_single_env():
+    check_env(AntPinpad(task="0-1-2-3"), skip_render_check=True)
+    vec = gymnasium.make_vec("AntPinpad-v0", num_envs=3, vectorization_mode="sync", task="0-1-2-3")
+    single = AntPinpad(task="0-1-2-3")
+    obs, _ = vec.reset(seed=5)
+    np.testing.assert_array_equal(obs[2], single.reset(seed=7)[0])    # episode i of seed s is seed s + i
+    action = np.random.default_rng(0).uniform(-1, 1, (3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(vec.step(action)[0][2], single.step(action[2])[0])
+    vec.close()
+
+
+def _teleport(env, cell, height=0.55):
+    """Put the ant's torso at the centre of `cell` (a hand-built situation for the rules)."""
+    env.data.qpos[:2], env.data.qpos[2], env.data.qvel[:] = envs.ant_cell_centre(cell, env.G), height, 0
+    return env.step(np.zeros(8))
+
+
+def test_ant_visit_rule_wrong_colour_walls_and_falling():
+    """Entering the next colour advances the task, completing it pays 1; a wrong colour, a wall cell,
+    leaving the grid and a torso height outside [0.2, 1] each end the episode with reward 0."""
+    env = AntPinpad(task="2-0")
+    env.reset(seed=0)
+    c = env.colour_cells
+    _, r, term, _, info = _teleport(env, c[2])
+    assert (info["visited"], info["progress"], r, term) == (2, 1, 0.0, False)
+    _, r, term, _, info = _teleport(env, c[0])
+    assert (info["progress"], r, term) == (2, 1.0, True)
+    for bad in ("wrong colour", "wall", "off grid", "fallen"):
+        env.reset(seed=0)
+        if bad == "wrong colour":
+            out = _teleport(env, c[1])
+        elif bad == "wall":
+            out = _teleport(env, env.wall_cells[0])
+        elif bad == "off grid":
+            env.data.qpos[:2] = [env.G * envs.ANT_CELL, 0.0]
+            out = env.step(np.zeros(8))
+        else:
+            out = _teleport(env, env.cell, height=1.5)                # the start cell: free; above 1.0 m
+        assert out[2] and out[1] == 0.0, bad
+
+
+def test_ant_observation_layout():
+    """The documented layout: symlog proprioception, global x, y in [-1, 1] over the grid, object offsets
+    relative to the torso, and the position inside the torso's cell."""
+    env = AntPinpad(task="0-1")
+    obs, info = env.reset(seed=4)
+    G, cell, xy = env.G, envs.ANT_CELL, info["xy"]
+    assert obs.shape == (41,)
+    np.testing.assert_allclose(obs[:27], envs.symlog(np.concatenate([env.data.qpos[2:], env.data.qvel])), rtol=1e-6)
+    np.testing.assert_allclose(obs[27:29], xy / (G * cell / 2), rtol=1e-6)
+    objects = envs.ant_cell_centre(np.concatenate([info["colour_cells"], info["wall_cells"]]), G) - xy
+    np.testing.assert_allclose(obs[29:39], objects.ravel() / (G * cell), rtol=1e-5, atol=1e-7)
+    row, col = divmod(info["agent"], G)
+    corner = envs.ant_cell_centre(info["agent"], G) - cell / 2                # the cell's lower-left corner
+    np.testing.assert_allclose(obs[39:], (xy - corner) / cell, rtol=1e-5)
+    assert envs.ant_cell(envs.ant_cell_centre(np.arange(G * G), G), G).tolist() == list(range(G * G))
+
+
+def test_ant_render_draws_the_layout():
+    env = AntPinpad(task="0-1", render_mode="rgb_array")
+    env.reset(seed=0)
+    image = env.render(96, 96)
+    assert image.shape == (96, 96, 3) and image.dtype == np.uint8 and image.std() > 10
+    env.close()
