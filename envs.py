@@ -7,7 +7,8 @@ one pair is one abstract action, or subgoal, of the hierarchy the paper finds in
 Contents, in order: task tables and parsing, the observation, layout sampling, `GridPinpad` (a single
 gymnasium env), `GridPinpadVec` (N episodes stepped at once in numpy, used for data and evaluation),
 shortest-path distances and the expert. Cells are named by flat index `row * G + col` throughout.
-Last, `AntPinpad`: the same task logic on gymnasium's MuJoCo ant, with colours and walls as floor regions.
+Last, `AntPinpad`: the same task logic on gymnasium's MuJoCo ant, with colours and walls as floor regions,
+and its expert: the grid planner driving a hand-made trot (`gait_action`, `ant_expert_action`).
 """
 import os
 
@@ -617,3 +618,114 @@ class AntPinpad(gymnasium.Env):
 
 if "AntPinpad-v0" not in gymnasium.registry:
     gymnasium.register("AntPinpad-v0", entry_point=AntPinpad)
+
+
+# ---------------------------------------------------------------- the ant's expert: grid planner + hand-made gait
+# The paper trained a locomotion policy with PPO; on 2 CPU cores a hand-designed gait is the honest route.
+# A trot: diagonal leg pairs (legs 1 & 3, 2 & 4) in antiphase; each hip swings with an amplitude proportional
+# to how well its leg's tangential direction lines up with the commanded direction (turned into the torso
+# frame, so the ant never turns); the ankles lift a phase `lead` ahead of the hip swing; PD control tracks
+# the joint targets. The constants come from a random search with `gait_speed` (mean speed along 8
+# directions, 200 steps each, no falls allowed; about 250 trials), e.g.
+#     max(candidates, key=lambda p: np.mean([gait_speed(p, d) for d in directions]))
+# They walk at about 0.05 m per env step in every direction.
+ANT_GAIT = dict(hip=0.5, omega=0.665, lead=1.883, neutral=0.576, lift=0.352, kp=3.756, kd=0.265)
+_ANT_ACTUATED_JOINT = np.array([6, 7, 0, 1, 2, 3, 4, 5])   # actuator k drives joint qpos[7 + this]
+_ANT_LEG_ANGLE = np.deg2rad([45.0, 135.0, 225.0, 315.0])     # legs 1-4 point along the diagonals
+_ANT_ANKLE_SIGN = np.array([1.0, -1.0, -1.0, 1.0])           # ankle ranges: +30..70, -70..-30, -70..-30, +30..70 deg
+_ANT_PAIR_PHASE = np.array([0.0, np.pi, 0.0, np.pi])         # diagonal pairs in antiphase
+
+
+def gait_action(qpos: np.ndarray, qvel: np.ndarray, t: int, direction: np.ndarray, gait: dict = ANT_GAIT) -> np.ndarray:
+    """Torques (8,) in actuator order that walk the ant along the world `direction` (2,) at env step t."""
+    yaw = 2 * np.arctan2(qpos[6], qpos[3])                      # the quaternion's rotation about z
+    c, s = np.cos(yaw), np.sin(yaw)
+    local = np.array([c * direction[0] + s * direction[1], -s * direction[0] + c * direction[1]])
+    tangent = np.stack([-np.sin(_ANT_LEG_ANGLE), np.cos(_ANT_LEG_ANGLE)], 1)
+    phase = gait["omega"] * t + _ANT_PAIR_PHASE
+    target = np.empty(8)
+    target[0::2] = gait["hip"] * (tangent @ local) * np.sin(phase)
+    target[1::2] = _ANT_ANKLE_SIGN * (gait["neutral"] + gait["lift"] * np.cos(phase + gait["lead"]))
+    torque = gait["kp"] * (target - qpos[7:15]) - gait["kd"] * qvel[6:14]
+    return np.clip(torque[_ANT_ACTUATED_JOINT], -1.0, 1.0)
+
+
+def gait_speed(gait: dict, direction, steps: int = 200, seed: int = 0) -> float:
+    """Mean speed (m per env step) along `direction` of the gait from the centre of an empty floor with a
+    random yaw; -inf if the torso leaves [0.2, 1.0] m. The objective the gait constants were tuned on."""
+    import mujoco
+    env = AntPinpad(task="0")
+    env.reset(seed=seed)
+    env.data.qpos[:2] = 0.0
+    mujoco.mj_forward(env.model, env.data)
+    direction = np.asarray(direction, float) / np.linalg.norm(direction)
+    for t in range(steps):
+        env.data.ctrl[:] = gait_action(env.data.qpos, env.data.qvel, t, direction, gait)
+        mujoco.mj_step(env.model, env.data, nstep=ANT_FRAME_SKIP)
+        if not 0.2 <= env.data.qpos[2] <= 1.0:
+            return -np.inf
+    return float(env.data.qpos[:2] @ direction / steps)
+
+
+ANT_MARGIN = 0.6   # metres: the expert is pushed away from forbidden cells (walls, other colours, off-grid) closer than this
+
+
+def _repulsion(xy: np.ndarray, env: AntPinpad, target: int) -> np.ndarray:
+    """A push away from every forbidden region closer than ANT_MARGIN, growing linearly to 1 at its edge."""
+    G, half = env.G, ANT_CELL / 2
+    forbidden = [c for c in range(G * G) if c in env.wall_cells or (c in env.colour_cells and c != env.colour_cells[target])]
+    if not forbidden:
+        return np.zeros(2)
+    push = np.zeros(2)
+    for centre in ant_cell_centre(np.array(forbidden, dtype=int), G):
+        nearest = np.clip(xy, centre - half, centre + half)      # the closest point of the cell's square
+        away, d = xy - nearest, np.linalg.norm(xy - nearest)
+        if 0 < d < ANT_MARGIN:
+            push += away / d * (1 - d / ANT_MARGIN)
+    edge = G * half                                              # the grid's border
+    for axis in range(2):
+        for sign in (-1, 1):
+            d = edge - sign * xy[axis]
+            if d < ANT_MARGIN:
+                push[axis] -= sign * (1 - d / ANT_MARGIN)
+    return push
+
+
+def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The ant expert (App. C.1.2): the grid planner picks the neighbouring cell on a shortest path to the
+    next colour (avoiding walls and every other colour, as the grid expert) and the gait walks towards that
+    cell's centre. noise > 0 adds Gaussian noise of that std to the torques (pretraining diversity); noise 0
+    is the noise-free expert used for the metacontroller's data."""
+    xy, G = env.data.qpos[:2], env.G
+    target = env.task[min(env.progress, len(env.task) - 1)]
+    if env.cell < 0:                                            # off the grid (the episode is over anyway)
+        aim = -xy
+    else:
+        dist = colour_distances(env.colour_cells, env.wall_cells, G)[target]
+        row, col = divmod(env.cell, G)
+        forbidden = set(env.wall_cells.tolist()) | set(env.colour_cells.tolist()) - {int(env.colour_cells[target])}
+        neighbours = [(r, c) for r, c in ((row - 1, col), (row, col + 1), (row + 1, col), (row, col - 1))
+                      if 0 <= r < G and 0 <= c < G and r * G + c not in forbidden]
+        best = min(neighbours, key=lambda rc: dist[rc[0] * G + rc[1]])
+        aim = ant_cell_centre(best[0] * G + best[1], G) - xy
+        aim = aim / (np.linalg.norm(aim) + 1e-9) + _repulsion(xy, env, target)
+    action = gait_action(env.data.qpos, env.data.qvel, env.t, aim / (np.linalg.norm(aim) + 1e-9))
+    if noise > 0:
+        action = np.clip(action + (rng or np.random.default_rng()).normal(0, noise, 8), -1, 1)
+    return action
+
+
+def ant_expert_success(task=None, n: int = 200, seed: int = 0, noise: float = 0.0) -> float:
+    """The expert's success rate over n episodes (seeds seed .. seed+n-1) of `task` (None: a random
+    pretraining task per episode). One core: about 0.2 s per episode."""
+    wins = 0
+    for i in range(n):
+        env = AntPinpad(task=task)
+        env.reset(seed=seed + i)
+        rng = np.random.default_rng(seed + i)
+        while True:
+            _, reward, terminated, truncated, _ = env.step(ant_expert_action(env, noise, rng))
+            if terminated or truncated:
+                break
+        wins += reward > 0
+    return wins / n

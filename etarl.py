@@ -72,6 +72,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     env step (as Ant-v5), leaving the 4x4 grid ends the episode like a wall, the start point keeps 0.3 m
     from its cell's edges, layouts are rejection-sampled to be solvable as in the grid, and the
     observation is scaled as documented in the class (41 numbers).
+15. The ant's expert is the grid planner (next cell on a shortest path, avoiding walls and other colours,
+    plus a push away from forbidden cells closer than 0.6 m) driving a hand-made trot tracked by PD
+    control (envs.ANT_GAIT, tuned by random search), not the paper's PPO-trained locomotion policy.
 """
 from __future__ import annotations
 

@@ -869,3 +869,16 @@ def test_ant_render_draws_the_layout():
     image = env.render(96, 96)
     assert image.shape == (96, 96, 3) and image.dtype == np.uint8 and image.std() > 10
     env.close()
+
+
+def test_ant_expert_walks_the_tasks():
+    """The planner-plus-gait expert solves most episodes (measured 0.92 over 200 pretraining-task episodes
+    and 0.76 over 200 of 0-1-2-3; here 10 fixed episodes of each, 0.9 measured)."""
+    assert envs.ant_expert_success(None, 10, seed=0) >= 0.7
+    assert envs.ant_expert_success("0-1-2-3", 10, seed=10**6) >= 0.7
+
+
+def test_ant_gait_walks_every_way_without_turning():
+    """The gait moves the torso along any commanded direction, at several cm per step, without falling."""
+    for angle in np.deg2rad([0, 120, 250]):
+        assert envs.gait_speed(envs.ANT_GAIT, [np.cos(angle), np.sin(angle)], steps=100, seed=1) > 0.02
