@@ -4,8 +4,9 @@ A reference implementation of Kobayashi, Schimpf, Schlegel et al. (arXiv 2512.20
 bottom in pipeline order:
 
     1. Configs and presets ............ one dataclass per stage; presets tiny / cpu / paper
-    2. Data ........................... expert episodes from envs.py, stored compactly (Sec. 2, App. C.1.1)
-    3. Base model ..................... causal transformer, relative-position biases, KV cache (Sec. 2, App. D.1)
+    2. Data ........................... expert episodes from envs.py: grid (compact) and ant (Sec. 2, App. C.1)
+    3. Base model ..................... causal transformer with relative-position biases and a KV cache (grid),
+                                        or Hawk SSM with a Gaussian action head (ant) (Sec. 2, App. D.1)
     4. Residual-stream control ........ e <- e + U e at a named layer, low-rank or full (Eq. 1)
     5. Pretraining and quality gate ... Eq. 5; does the residual stream know the task?
     6. Probes and supervised control .. linear probes per layer (App. C.2), one controller per subgoal (App. C.3)
@@ -75,6 +76,11 @@ Deviations and choices (where the paper is silent or where we differ; also liste
 15. The ant's expert is the grid planner (next cell on a shortest path, avoiding walls and other colours,
     plus a push away from forbidden cells closer than 0.6 m) driving a hand-made trot tracked by PD
     control (envs.ANT_GAIT, tuned by random search), not the paper's PPO-trained locomotion policy.
+16. Hawk (the ant's base model): Griffin's recurrent block (GeLU gate branch times RG-LRU after a causal
+    depthwise convolution of width 4, recurrence width = d_model) with RMS norms and a GeLU-gated MLP;
+    the RG-LRU runs as a plain loop over time (clear, and identical for whole sequences and single
+    steps; a parallel scan would be faster on long sequences). The Gaussian head clamps log-std to
+    [-5, 2]; the ant's next-observation loss is a unit-variance Gaussian (squared error / 2).
 """
 from __future__ import annotations
 
@@ -119,7 +125,10 @@ class ModelConfig:
     n_buckets: int = 32
     max_distance: int = 128     # relative distances beyond this share the last bucket
     encoder: str = "ego"        # "ego" (agent-centred, deviation 1) or "linear"
-    obs_weight: float = 0.01    # lambda of Eq. 5 (paper: 0 or 0.01)
+    obs_weight: float = 0.01    # lambda of Eq. 5 (paper: 0 or 0.01 for the grid, 10 for the ant)
+    mixer: str = "attention"    # "attention" (the grid's transformer) or "hawk" (the ant's RG-LRU SSM)
+    conv_width: int = 4         # Hawk: width of the causal temporal convolution before the RG-LRU
+    head: str = "categorical"   # action head: "categorical" (grid moves) or "gaussian" (ant torques)
 
 
 @dataclass
@@ -362,6 +371,73 @@ def generate_episodes(n: int, seed: int, task=None, eps: float = 0.0, G: int = 7
         task_id=np.array([task_table.get(tuple(t[t >= 0]), -1) for t in env.tasks]), grid_size=G)
 
 
+@dataclass
+class AntEpisodes:
+    """Expert episodes of the ant world (App. A.2), with the same `batch` interface as `Episodes`.
+
+    Observations and torques are continuous, so they are stored whole (float32; about 85 kB per
+    500-step episode). Step t of episode i (t < lengths[i]) sees obs[i, t] and takes actions[i, t].
+    subgoal[i, t] is the colour being walked to (one colour is one abstract action in the ant world),
+    for evaluation only.
+    """
+    obs: np.ndarray             # (N, Tmax + 1, O)
+    actions: np.ndarray         # (N, Tmax, 8), 0 past the end
+    lengths: np.ndarray         # (N,) number of actions
+    subgoal: np.ndarray         # (N, Tmax), -1 past the end
+    success: np.ndarray         # (N,) bool: did the expert complete the task
+    task_id: np.ndarray         # (N,) index into envs.ANT_PRETRAIN_TASKS (-1: another task)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def subset(self, idx) -> "AntEpisodes":
+        return AntEpisodes(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+
+    def batch(self, idx, device) -> dict:
+        idx = np.sort(np.asarray(idx))
+        T = int(self.lengths[idx].max())
+        as_t = lambda x, dt: torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=device)
+        subgoal = as_t(self.subgoal[idx, :T], torch.long)
+        return {"obs": as_t(self.obs[idx, :T + 1], torch.float32), "actions": as_t(self.actions[idx, :T], torch.float32),
+                "mask": as_t(np.arange(T) < self.lengths[idx, None], torch.bool), "subgoal": subgoal, "target": subgoal}
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def load(cls, path) -> "AntEpisodes":
+        with np.load(path) as f:
+            return cls(**{k: f[k] for k in f.files})
+
+
+def generate_ant_episodes(n: int, seed: int, task=None, noise: float = 0.0, T: int = 500) -> AntEpisodes:
+    """Roll out the ant expert (envs.ant_expert_action) in n episodes, one after another (about 0.2 s each on
+    one core). Episode i is AntPinpad.reset(seed=seed + i); noise is the std of the Gaussian torque noise
+    (0: the noise-free expert the paper uses for the metacontroller's data). Failed episodes are kept."""
+    episodes = []
+    for i in range(n):
+        env = envs.AntPinpad(task=task, T=T)
+        o, info = env.reset(seed=seed + i)
+        rng = np.random.default_rng([seed + i, 1])
+        obs, actions, subgoal, done, reward = [o], [], [], False, 0.0
+        while not done:
+            subgoal.append(info["subgoal"])
+            actions.append(envs.ant_expert_action(env, noise, rng).astype(np.float32))   # stored as applied
+            o, reward, terminated, truncated, info = env.step(actions[-1])
+            obs.append(o)
+            done = terminated or truncated
+        episodes.append((np.array(obs), np.array(actions), np.array(subgoal), reward > 0, env.task))
+    Tmax = max(len(a) for _, a, _, _, _ in episodes)
+    pad = lambda x, length, value: np.concatenate([x, np.full((length - len(x),) + x.shape[1:], value, x.dtype)])
+    table = {t: k for k, t in enumerate(envs.ANT_PRETRAIN_TASKS)}
+    return AntEpisodes(obs=np.stack([pad(o, Tmax + 1, 0) for o, *_ in episodes]).astype(np.float32),
+                       actions=np.stack([pad(a, Tmax, 0) for _, a, *_ in episodes]).astype(np.float32),
+                       lengths=np.array([len(a) for _, a, *_ in episodes]),
+                       subgoal=np.stack([pad(g, Tmax, -1) for _, _, g, *_ in episodes]),
+                       success=np.array([s for *_, s, _ in episodes]),
+                       task_id=np.array([table.get(t, -1) for *_, t in episodes]))
+
+
 # ==================================================================================================
 # 3. Base model: a causal transformer over observations (Sec. 2, App. D.1)
 # ==================================================================================================
@@ -442,6 +518,72 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class RGLRU(nn.Module):
+    """The real-gated linear recurrent unit of Griffin (De et al. 2024, Eqs. 1-4), per channel:
+
+        r_t = sigmoid(W_a x_t + b_a),  i_t = sigmoid(W_x x_t + b_x),  a_t = a^(c r_t),  a = sigmoid(Lambda)
+        h_t = a_t * h_t-1 + sqrt(1 - a_t^2) * (i_t * x_t)
+    with c = 8 and a^c initialised uniform in [0.9, 0.999]. Run as a loop over time, the same code for whole
+    sequences and for one step (so the two agree exactly); the state h is what a rollout caches.
+    """
+    c = 8.0
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gate_a, self.gate_x = nn.Linear(width, width), nn.Linear(width, width)
+        a = torch.empty(width).uniform_(0.9, 0.999) ** (1 / self.c)
+        self.Lambda = nn.Parameter(torch.log(a / (1 - a)))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None):
+        """x (B, T, W), h (B, W) or None -> outputs (B, T, W) and the last state (B, W)."""
+        log_a = -self.c * F.softplus(-self.Lambda) * torch.sigmoid(self.gate_a(x))    # log a_t <= 0
+        b = torch.sqrt((-torch.expm1(2 * log_a)).clamp(min=1e-8)) * torch.sigmoid(self.gate_x(x)) * x
+        a, h = log_a.exp(), torch.zeros_like(x[:, 0]) if h is None else h
+        ys = []
+        for t in range(x.shape[1]):
+            h = a[:, t] * h + b[:, t]
+            ys.append(h)
+        return torch.stack(ys, 1), h
+
+
+class Recurrent(nn.Module):
+    """Griffin's recurrent block: GeLU(W_1 x) * RG-LRU(conv(W_2 x)), projected back to D. The causal
+    depthwise convolution keeps its last inputs, and the RG-LRU its state, in the cache."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.gate, self.inp, self.out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.conv = nn.Conv1d(D, D, cfg.conv_width, groups=D)
+        self.rglru = RGLRU(D)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        cache = {} if cache is None else cache
+        u = self.inp(x)
+        past = cache.get("conv", x.new_zeros(B, self.conv.kernel_size[0] - 1, D))
+        u = torch.cat([past, u], 1)                                   # (B, k - 1 + T, D)
+        cache["conv"] = u[:, u.shape[1] - past.shape[1]:]
+        y, cache["h"] = self.rglru(self.conv(u.transpose(1, 2)).transpose(1, 2), cache.get("h"))
+        return self.out(F.gelu(self.gate(x)) * y)
+
+
+class HawkBlock(nn.Module):
+    """Hawk's residual block (the ant's base model): x + recurrent(norm(x)), then x + gated_mlp(norm(x))
+    with a GeLU-gated MLP and RMS norms."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.mixer = Recurrent(cfg)
+        self.up, self.down = nn.Linear(cfg.d_model, 2 * cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x, pos, cache=None):
+        x = x + self.mixer(self.norm1(x), pos, cache)
+        gate, value = self.up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(F.gelu(gate) * value)
+
+
 class CategoricalHead(nn.Module):
     """Discrete actions: logits over A moves."""
 
@@ -452,14 +594,39 @@ class CategoricalHead(nn.Module):
     def forward(self, x):
         return self.proj(x)                                           # (B, T, A) logits
 
-    @staticmethod
-    def log_prob(logits, actions):
+    def log_prob(self, logits, actions):
         return torch.distributions.Categorical(logits=logits).log_prob(actions.clamp(min=0))
 
-    @staticmethod
-    def sample(logits, generator=None):
+    def sample(self, logits, generator=None):
         return torch.multinomial(logits.softmax(-1).reshape(-1, logits.shape[-1]), 1,
                                  generator=generator).view(logits.shape[:-1])
+
+    def mode(self, logits):
+        return logits.argmax(-1)
+
+
+class GaussianHead(nn.Module):
+    """Continuous actions: a diagonal Gaussian whose mean and log-std the residual stream predicts. Its
+    "logits" are the concatenated (mean, log_std), (..., 2A)."""
+
+    def __init__(self, d_model: int, action_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 2 * action_dim)
+
+    def forward(self, x):
+        mean, log_std = self.proj(x).chunk(2, -1)
+        return torch.cat([mean, log_std.clamp(-5, 2)], -1)
+
+    def log_prob(self, params, actions):
+        mean, log_std = params.chunk(2, -1)
+        return torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)
+
+    def sample(self, params, generator=None):
+        mean, log_std = params.chunk(2, -1)
+        return mean + log_std.exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
+
+    def mode(self, params):
+        return params.chunk(2, -1)[0]
 
 
 class BaseModel(nn.Module):
@@ -473,17 +640,23 @@ class BaseModel(nn.Module):
     def __init__(self, cfg: ModelConfig, obs_dim: int, n_actions: int, grid_size: int = 7):
         super().__init__()
         self.cfg, self.obs_dim, self.n_actions = cfg, obs_dim, n_actions
-        if cfg.d_model % cfg.n_heads:
+        if cfg.mixer == "attention" and cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
+        blocks = {"attention": Block, "hawk": HawkBlock}
+        heads = {"categorical": CategoricalHead, "gaussian": GaussianHead}
+        if cfg.mixer not in blocks:
+            raise ValueError(f"unknown mixer {cfg.mixer!r}; choose 'attention' or 'hawk'")
+        if cfg.head not in heads:
+            raise ValueError(f"unknown action head {cfg.head!r}; choose 'categorical' or 'gaussian'")
         if cfg.encoder == "ego":
             self.encoder = EgoEncoder(obs_dim, cfg.d_model, grid_size)
         elif cfg.encoder == "linear":
             self.encoder = nn.Linear(obs_dim, cfg.d_model)
         else:
             raise ValueError(f"unknown encoder {cfg.encoder!r}; choose 'ego' or 'linear'")
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(blocks[cfg.mixer](cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.action_head = CategoricalHead(cfg.d_model, n_actions)
+        self.action_head = heads[cfg.head](cfg.d_model, n_actions)
         self.obs_head = nn.Linear(cfg.d_model, obs_dim)
 
     def forward(self, obs, control=None, return_residuals=False, cache=None, start=0):
@@ -523,7 +696,11 @@ class BaseModel(nn.Module):
         action_nll = -(self.action_head.log_prob(out["logits"], actions) * m).sum() / m.sum()
         obs_nll = torch.zeros(())
         if obs_loss and self.cfg.obs_weight > 0:
-            obs_nll = F.binary_cross_entropy_with_logits(self.obs_head(out["h"]), obs[:, 1:], reduction="none")
+            pred = self.obs_head(out["h"])
+            if self.cfg.head == "categorical":                        # one-hot grid: Bernoulli per dimension
+                obs_nll = F.binary_cross_entropy_with_logits(pred, obs[:, 1:], reduction="none")
+            else:                                                     # continuous: unit-variance Gaussian
+                obs_nll = 0.5 * (pred - obs[:, 1:]) ** 2
             obs_nll = (obs_nll.sum(-1) * m).sum() / m.sum()
         return {"loss": action_nll + self.cfg.obs_weight * obs_nll, "action_nll": action_nll,
                 "obs_nll": obs_nll, "out": out}
@@ -572,8 +749,13 @@ class Control:
 # 5. Pretraining (Eq. 5) and the quality gate
 # ==================================================================================================
 def build_model(cfg: ModelConfig, env: str = "grid") -> BaseModel:
+    if env == "ant":                                                  # 41 observation numbers, 8 torques
+        if cfg.head != "gaussian" or cfg.encoder != "linear":
+            raise ValueError("the ant needs head='gaussian' and encoder='linear' (its actions and observations "
+                             f"are continuous), got head={cfg.head!r}, encoder={cfg.encoder!r}")
+        return BaseModel(cfg, obs_dim=envs.AntPinpad().observation_space.shape[0], n_actions=8)
     if env != "grid":
-        raise ValueError(f"unknown environment {env!r}; available: 'grid'")
+        raise ValueError(f"unknown environment {env!r}; available: 'grid', 'ant'")
     G = 7
     return BaseModel(cfg, obs_dim=(8 + 4 + 1) * G * G, n_actions=len(envs.ACTIONS), grid_size=G)
 
@@ -799,12 +981,12 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
     while not env.done.all():
         control = control_fn(env) if control_fn is not None else None
         logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
-        a = logits.argmax(-1) if greedy else CategoricalHead.sample(logits, gen)
+        a = model.action_head.mode(logits) if greedy else model.action_head.sample(logits, gen)
         obs, r, *_ = env.step(a.cpu().numpy())
         reward += r
         if record:
             trace["obs"].append(obs), trace["actions"].append(a.cpu().numpy()), trace["agent"].append(env.agent.copy())
-            trace["logp"].append(CategoricalHead.log_prob(logits, a).cpu().numpy())
+            trace["logp"].append(model.action_head.log_prob(logits, a).cpu().numpy())
     out = {"success": reward > 0, "length": env.t.copy(), "progress": env.progress.copy()}
     if record:
         out.update({k: np.stack(v, 1) for k, v in trace.items()},
@@ -1415,7 +1597,7 @@ class RawActionRL:
                 "decisions": float(out["length"].mean())}
 
     def log_prob(self, batch: dict) -> torch.Tensor:
-        return CategoricalHead.log_prob(self.model(batch["obs"])["logits"], batch["actions"])
+        return self.model.action_head.log_prob(self.model(batch["obs"])["logits"], batch["actions"])
 
 
 def ppo_update(learner, opt, batch: dict, cfg: RLConfig) -> None:
