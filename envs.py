@@ -706,7 +706,8 @@ def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generat
         forbidden = set(env.wall_cells.tolist()) | set(env.colour_cells.tolist()) - {int(env.colour_cells[target])}
         neighbours = [(r, c) for r, c in ((row - 1, col), (row, col + 1), (row + 1, col), (row, col - 1))
                       if 0 <= r < G and 0 <= c < G and r * G + c not in forbidden]
-        best = min(neighbours, key=lambda rc: dist[rc[0] * G + rc[1]])
+        # a dead end (only reachable by noise: every way out crosses a forbidden cell): hold the cell
+        best = min(neighbours, key=lambda rc: dist[rc[0] * G + rc[1]]) if neighbours else (row, col)
         aim = ant_cell_centre(best[0] * G + best[1], G) - xy
         aim = aim / (np.linalg.norm(aim) + 1e-9) + _repulsion(xy, env, target)
     action = gait_action(env.data.qpos, env.data.qvel, env.t, aim / (np.linalg.norm(aim) + 1e-9))

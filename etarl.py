@@ -778,7 +778,7 @@ def length_bucketed_batch(by_length: np.ndarray, batch_size: int, rng: np.random
 
 def pretrain(model: BaseModel, data: Episodes, eval_data: Episodes, cfg: PretrainConfig, seed: int = 0,
              probe_cfg: ProbeConfig | None = None, progress: bool = True) -> dict:
-    """Train the base model on expert data; measure the quality gate every cfg.eval_every steps."""
+    """Train the base model on expert data; on grid data, measure the quality gate every cfg.eval_every steps."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -799,8 +799,8 @@ def pretrain(model: BaseModel, data: Episodes, eval_data: Episodes, cfg: Pretrai
         for k in ("loss", "action_nll", "obs_nll"):
             history[k].append(out[k].item())
         history["step"].append(step)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            gate = quality_gate(model, eval_data, probe_cfg)
+        if isinstance(eval_data, Episodes) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            gate = quality_gate(model, eval_data, probe_cfg)                 # the grid's gate
             history["eval_step"].append(step + 1)
             history["eval_time"].append(time.time() - t0)
             for k in ("sp_determined", "sp_all", "probe_mid"):
@@ -826,10 +826,12 @@ def collect(model: BaseModel, data: Episodes, batch_size: int = 256) -> dict:
         out = model(b["obs"][:, :-1], return_residuals=True)
         m = b["mask"]
         keep["residuals"].append(torch.stack([r[m] for r in out["residuals"]]))   # (L+1, n, D)
-        keep["probs"].append(out["logits"][m].softmax(-1))
+        if model.cfg.head == "categorical":
+            keep["probs"].append(out["logits"][m].softmax(-1))
         for k in ("subgoal", "target", "optimal"):
-            keep[k].append(b[k][m])
-    return {k: torch.cat(v, 1 if k == "residuals" else 0) for k, v in keep.items()}
+            if k in b:                                                # the ant has no discrete optimal moves
+                keep[k].append(b[k][m])
+    return {k: torch.cat(v, 1 if k == "residuals" else 0) for k, v in keep.items() if v}
 
 
 def fit_probe(x_train, y_train, x_test, y_test, n_classes: int, cfg: ProbeConfig) -> float:

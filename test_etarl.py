@@ -968,3 +968,14 @@ def test_ant_episodes_replay_in_the_environment_and_batch(tmp_path):
     np.testing.assert_array_equal(etarl.AntEpisodes.load(tmp_path / "ant.npz").obs, data.obs)
     model = _hawk()
     assert torch.isfinite(model.loss(batch)["loss"])                  # the ant model reads ant batches
+
+
+def test_ant_expert_holds_its_cell_in_a_dead_end():
+    """A free cell whose every neighbour is forbidden (reachable only by noise): the expert still acts."""
+    env = AntPinpad(task="2")
+    env.reset(seed=0)
+    env.colour_cells, env.wall_cells = np.array([1, 4, 10, 12]), np.array([15])   # cell 0 is boxed in by 0 and 1
+    _teleport(env, 0)
+    assert env.cell == 0
+    action = envs.ant_expert_action(env)
+    assert action.shape == (8,) and np.isfinite(action).all()
