@@ -1707,7 +1707,7 @@ class Run:
         self.dir = Path(out or f"runs/grid-{preset}-s{seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
-        if (self.dir / "config.json").exists() and _json_load(self.dir / "config.json") != config:
+        if (self.dir / "config.json").exists() and _with_defaults(_json_load(self.dir / "config.json"), config) != config:
             raise ValueError(f"{self.dir} holds a run made with another configuration; "
                              "choose another --out folder or delete that one")
         _json_save(config, self.dir / "config.json")
@@ -1928,6 +1928,13 @@ class Run:
                          self.dir / "abstract_actions.png")
         write_report(self.dir, results)
         return results
+
+
+def _with_defaults(saved: dict, current: dict) -> dict:
+    """A saved config with the fields added to the code since it was written filled in from `current`:
+    a new field whose default keeps the old behaviour does not invalidate an existing run folder."""
+    return {k: _with_defaults(saved[k], v) if isinstance(v, dict) and isinstance(saved.get(k), dict)
+            else saved.get(k, v) for k, v in current.items()}
 
 
 def _json_save(obj, path):

@@ -605,6 +605,14 @@ def test_run_folder_refuses_another_configuration(tmp_path):
     etarl.Run("tiny", out=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="another configuration"):
         etarl.Run("cpu", out=str(tmp_path), progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["mixer"], saved["rl"]                          # written before these fields existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    etarl.Run("tiny", out=str(tmp_path), progress=False)             # their defaults keep the old behaviour
+    saved["model"]["d_model"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="another configuration"):
+        etarl.Run("tiny", out=str(tmp_path), progress=False)
 
 
 # ==================================================================================================
