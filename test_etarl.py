@@ -987,3 +987,18 @@ def test_ant_expert_holds_its_cell_in_a_dead_end():
     assert env.cell == 0
     action = envs.ant_expert_action(env)
     assert action.shape == (8,) and np.isfinite(action).all()
+
+
+def test_zero_init_edit_starts_at_u_zero_and_learns(data):
+    """MetaConfig(zero_init_edit=True): the untrained metacontroller leaves the base model exactly unchanged
+    (the default init does not: its first edits are large), and one optimiser step makes the edit non-zero."""
+    model, batch = _model(), data[0].batch(np.arange(16), "cpu")
+    base = model.loss(batch, obs_loss=False)["action_nll"]
+    meta = _meta(model, rank=4, zero_init_edit=True)
+    torch.testing.assert_close(etarl.meta_loss(model, meta, batch, alpha=0.0)["action_nll"], base, rtol=0, atol=0)
+    default = _meta(model, rank=4)
+    assert etarl.meta_loss(model, default, batch, alpha=0.0)["action_nll"] != base
+    opt = torch.optim.AdamW(meta.parameters(), lr=1e-2)
+    etarl.meta_loss(model, meta, batch, alpha=0.1)["loss"].backward()
+    opt.step()
+    assert etarl.meta_loss(model, meta, batch, alpha=0.0)["action_nll"] != base
