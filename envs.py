@@ -469,6 +469,11 @@ def ant_cell_centre(cell, G: int = 4) -> np.ndarray:
     return np.stack([(col + 0.5 - G / 2) * ANT_CELL, (G / 2 - row - 0.5) * ANT_CELL], -1)
 
 
+def ant_obs_dim(O: int = 4, W: int = 1) -> int:
+    """Size of an AntPinpad observation: proprioception 27, global x, y 2, objects 2 (O + W), in-cell 2."""
+    return 27 + 2 + 2 * (O + W) + 2
+
+
 def symlog(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
@@ -539,8 +544,7 @@ class AntPinpad(gymnasium.Env):
         self.init_qpos[2] = 0.75
         self._tiles = [mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_GEOM, f"tile_{i}") for i in range(G * G)]
         self._renderer = None
-        n_obs = 27 + 2 + 2 * (O + W) + 2
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (n_obs,), np.float32)
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (ant_obs_dim(O, W),), np.float32)
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (8,), np.float32)
 
     def _xy(self) -> np.ndarray:

@@ -182,7 +182,7 @@ class MetaConfig:
     switch_bias: float = 0.0    # initial bias of the switching unit's logit (0: beta starts near 0.5)
     kl_warmup: int = 0          # steps over which alpha ramps up linearly from 0 (0: the paper's plain Eq. 3)
     gumbel_switch: bool = False  # in training, beta is a straight-through Gumbel-sigmoid sample (0 or 1)
-    zero_init_edit: bool = False  # start the decoder at U = 0 exactly (see Metacontroller.__init__)
+    zero_init_edit: bool = False  # start the decoder at U = 0 exactly (see `hypernetwork`)
     switch_temperature: float = 1.0
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
@@ -289,8 +289,28 @@ def default_device() -> torch.device:
 # ==================================================================================================
 # 2. Data: expert episodes (Sec. 2, App. C.1.1)
 # ==================================================================================================
+class _EpisodeArrays:
+    """What the two episode datasets share: every field is an array with one row per episode (or a plain
+    setting), saved to and loaded from one .npz file."""
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def subset(self, idx):
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return type(self)(**{k: v[idx] if isinstance(v, np.ndarray) else v for k, v in fields.items()})
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path) as f:
+            return cls(**{k: f[k] if f[k].ndim else f[k].item() for k in f.files})   # 0-d: a plain setting
+
+
 @dataclass
-class Episodes:
+class Episodes(_EpisodeArrays):
     """Expert episodes of the grid world, stored compactly (an observation is rebuilt on demand from
     the layout and the agent's cell, so 100k episodes take megabytes, not gigabytes).
 
@@ -308,13 +328,6 @@ class Episodes:
     optimal: np.ndarray         # (N, Tmax, A) bool: moves on a shortest path to the target
     task_id: np.ndarray         # (N,) index into the task table
     grid_size: int = 7
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def subset(self, idx) -> "Episodes":
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Episodes(**{k: v[idx] if isinstance(v, np.ndarray) else v for k, v in fields.items()})
 
     def observations(self, idx, t_max: int) -> np.ndarray:
         """(B, t_max + 1, O) one-hot observations o_0 .. o_t_max of episodes idx."""
@@ -334,16 +347,6 @@ class Episodes:
             "target": as_t(self.target[idx, :T], torch.long),
             "optimal": as_t(self.optimal[idx, :T], torch.bool),
         }
-
-    def save(self, path) -> None:
-        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-
-    @classmethod
-    def load(cls, path) -> "Episodes":
-        with np.load(path) as f:
-            kw = {k: f[k] for k in f.files}
-        kw["grid_size"] = int(kw["grid_size"])
-        return cls(**kw)
 
 
 def generate_episodes(n: int, seed: int, task=None, eps: float = 0.0, G: int = 7, O: int = 8,
@@ -375,7 +378,7 @@ def generate_episodes(n: int, seed: int, task=None, eps: float = 0.0, G: int = 7
 
 
 @dataclass
-class AntEpisodes:
+class AntEpisodes(_EpisodeArrays):
     """Expert episodes of the ant world (App. A.2), with the same `batch` interface as `Episodes`.
 
     Observations and torques are continuous, so they are stored whole (float32; about 100 kB per
@@ -390,12 +393,6 @@ class AntEpisodes:
     success: np.ndarray         # (N,) bool: did the expert complete the task
     task_id: np.ndarray         # (N,) index into envs.ANT_PRETRAIN_TASKS (-1: another task)
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def subset(self, idx) -> "AntEpisodes":
-        return AntEpisodes(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
-
     def batch(self, idx, device) -> dict:
         idx = np.sort(np.asarray(idx))
         T = int(self.lengths[idx].max())
@@ -403,14 +400,6 @@ class AntEpisodes:
         subgoal = as_t(self.subgoal[idx, :T], torch.long)
         return {"obs": as_t(self.obs[idx, :T + 1], torch.float32), "actions": as_t(self.actions[idx, :T], torch.float32),
                 "mask": as_t(np.arange(T) < self.lengths[idx, None], torch.bool), "subgoal": subgoal, "target": subgoal}
-
-    def save(self, path) -> None:
-        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-
-    @classmethod
-    def load(cls, path) -> "AntEpisodes":
-        with np.load(path) as f:
-            return cls(**{k: f[k] for k in f.files})
 
 
 def generate_ant_episodes(n: int, seed: int, task=None, noise: float = 0.0, T: int = 500) -> AntEpisodes:
@@ -756,7 +745,7 @@ def build_model(cfg: ModelConfig, env: str = "grid") -> BaseModel:
         if cfg.head != "gaussian" or cfg.encoder != "linear":
             raise ValueError("the ant needs head='gaussian' and encoder='linear' (its actions and observations "
                              f"are continuous), got head={cfg.head!r}, encoder={cfg.encoder!r}")
-        return BaseModel(cfg, obs_dim=envs.AntPinpad().observation_space.shape[0], n_actions=8)
+        return BaseModel(cfg, obs_dim=envs.ant_obs_dim(), n_actions=8)
     if env != "grid":
         raise ValueError(f"unknown environment {env!r}; available: 'grid', 'ant'")
     G = 7
@@ -1035,6 +1024,20 @@ def gumbel_sigmoid(logit: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return (soft > 0.5).float() + (soft - soft.detach())                # exactly 0 or 1 going forward
 
 
+def hypernetwork(n_z: int, hidden: int, D: int, rank: int, zero_edit: bool = False) -> nn.Sequential:
+    """f_hyp (Eq. 18): code -> the two rank-R factors of U (or a full U when rank is 0), read by hyper_control.
+
+    The output layer starts with weights of std 0.05. That is not a small edit: |U e| / |e| is about 0.65 at
+    rank 16 and 1.3 at full rank (D = 128, measured on the cpu base model). zero_edit starts from U = 0
+    exactly instead: the B factor (or, at full rank, the whole output) starts at zero, as LoRA does."""
+    hyper = mlp(n_z, hidden, 2 * D * rank if rank > 0 else D * D)
+    nn.init.normal_(hyper[-1].weight, std=0.05), nn.init.zeros_(hyper[-1].bias)
+    if zero_edit:
+        with torch.no_grad():
+            hyper[-1].weight[D * rank if rank > 0 else 0:] = 0            # B's half, or all of U
+    return hyper
+
+
 def hyper_control(hyper: nn.Module, z: torch.Tensor, layer: int, D: int, rank: int) -> Control:
     """A hypernetwork's output for codes z (..., n_z) read as a controller at `layer`: the two factors of a
     rank-R U = B A^T, or, when rank is 0, a full U = W h + b (h the hidden units, W and b the last layer's
@@ -1067,18 +1070,7 @@ class Metacontroller(nn.Module):
         self.encoder = mlp(d_model + cfg.n_h + cfg.n_s, cfg.enc_hidden, 2 * cfg.n_z)
         self.switch = mlp(d_model + cfg.n_h + cfg.n_z, cfg.enc_hidden, 1)
         nn.init.constant_(self.switch[-1].bias, cfg.switch_bias)
-        n_out = 2 * d_model * cfg.rank if cfg.rank > 0 else d_model * d_model
-        self.hyper = mlp(cfg.n_z, cfg.hyp_hidden, n_out)
-        nn.init.normal_(self.hyper[-1].weight, std=0.05), nn.init.zeros_(self.hyper[-1].bias)
-        # With this init the first edits are not small: |U e| / |e| is about 0.65 at rank 16 and 1.3 at full
-        # rank (D = 128, measured on the cpu base model). zero_init_edit starts from U = 0 exactly instead:
-        # the B factor (or, at full rank, the whole output) starts at zero, as LoRA does.
-        if cfg.zero_init_edit:
-            last = self.hyper[-1]
-            with torch.no_grad():
-                rows = slice(d_model * cfg.rank, None) if cfg.rank > 0 else slice(None)   # B's half, or all of U
-                last.weight[rows] = 0
-
+        self.hyper = hypernetwork(cfg.n_z, cfg.hyp_hidden, d_model, cfg.rank, cfg.zero_init_edit)
 
     def sequence_embedding(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """s (B, n_s) from the whole valid part of each sequence, read in both directions (Eq. 13)."""
@@ -1369,8 +1361,7 @@ class CompILE(nn.Module):
         self.boundary_rnn = nn.GRU(cfg.hidden, cfg.hidden, batch_first=True)
         self.boundary = nn.Linear(cfg.hidden, 1)
         self.encoder = mlp(cfg.hidden, cfg.hidden, 2 * cfg.n_z)
-        self.hyper = mlp(cfg.n_z, cfg.hyp_hidden, 2 * d_model * cfg.rank if cfg.rank > 0 else d_model * d_model)
-        nn.init.normal_(self.hyper[-1].weight, std=0.05), nn.init.zeros_(self.hyper[-1].bias)
+        self.hyper = hypernetwork(cfg.n_z, cfg.hyp_hidden, d_model, cfg.rank)
 
     def decode(self, z: torch.Tensor) -> Control:
         return hyper_control(self.hyper, z, self.layer, self.D, self.cfg.rank)
