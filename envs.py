@@ -368,6 +368,12 @@ class GridPinpadVec:
         return padded[np.arange(self.num_envs), self.progress]
 
     @property
+    def subgoal(self) -> np.ndarray:
+        """(N,) current subgoal: the colour pair of the next colour (-1 when complete)."""
+        target = self.target
+        return np.where(target >= 0, target // 2, -1)
+
+    @property
     def observation(self) -> np.ndarray:
         """The current observation of every episode (N, C*G*G), as reset and step return it."""
         return self._obs()
@@ -376,9 +382,8 @@ class GridPinpadVec:
         return grid_observation(self.agent, self.colour_cells, self.wall_cells, self.G)  # (N, C*G*G)
 
     def _info(self, visited):
-        target = self.target
-        return {"agent": self.agent.copy(), "progress": self.progress.copy(),
-                "subgoal": np.where(target >= 0, target // 2, -1), "visited": visited, "target": target}
+        return {"agent": self.agent.copy(), "progress": self.progress.copy(), "subgoal": self.subgoal,
+                "visited": visited, "target": self.target}
 
     def step(self, actions):
         live, before, target = ~self.done, self.agent, self.target
@@ -618,6 +623,64 @@ class AntPinpad(gymnasium.Env):
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+
+
+class AntPinpadVec:
+    """N ant-pinpad episodes with GridPinpadVec's interface (reset(seed), step(actions), and the arrays
+    agent, xy, colour_cells, wall_cells, tasks, task_len, progress, t, done, target, subgoal, observation),
+    so that data generation, rollouts and RL run the same code on both worlds. The episodes step one after
+    another in this process (the physics dominates: about 0.3 ms per episode step). Without autoreset: an
+    ended episode stays frozen until the next reset. Episode i of reset(seed) is AntPinpad().reset(seed=seed + i).
+    """
+
+    def __init__(self, num_envs: int, task=None, T: int = 500):
+        self.num_envs, self.T = num_envs, T
+        self.envs = [AntPinpad(task=task, T=T) for _ in range(num_envs)]
+
+    def reset(self, seed: int):
+        obs, infos = zip(*(env.reset(seed=seed + i) for i, env in enumerate(self.envs)))
+        N = self.num_envs
+        self._obs = np.stack(obs)
+        self.colour_cells = np.stack([env.colour_cells for env in self.envs])
+        self.wall_cells = np.stack([env.wall_cells for env in self.envs])
+        self.task_len = np.array([len(env.task) for env in self.envs])
+        self.tasks = np.full((N, self.task_len.max()), -1, np.int64)
+        for i, env in enumerate(self.envs):
+            self.tasks[i, : len(env.task)] = env.task
+        self.progress, self.t, self.done = np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, bool)
+        self.agent, self.xy = np.array([info["agent"] for info in infos]), np.stack([info["xy"] for info in infos])
+        return self._obs.copy(), self._info(np.full(N, -1))
+
+    @property
+    def target(self) -> np.ndarray:
+        """(N,) next colour of each task, -1 when complete."""
+        padded = np.pad(self.tasks, ((0, 0), (0, 1)), constant_values=-1)
+        return padded[np.arange(self.num_envs), self.progress]
+
+    @property
+    def subgoal(self) -> np.ndarray:
+        """(N,) current subgoal: in the ant world one colour is one abstract action, so the next colour."""
+        return self.target
+
+    @property
+    def observation(self) -> np.ndarray:
+        return self._obs.copy()
+
+    def _info(self, visited):
+        return {"agent": self.agent.copy(), "xy": self.xy.copy(), "progress": self.progress.copy(),
+                "subgoal": self.subgoal, "visited": visited, "target": self.target}
+
+    def step(self, actions):
+        N = self.num_envs
+        reward, terminated, truncated = np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool)
+        visited = np.full(N, -1)
+        for i in np.flatnonzero(~self.done):
+            env = self.envs[i]
+            self._obs[i], reward[i], terminated[i], truncated[i], info = env.step(actions[i])
+            self.agent[i], self.xy[i], self.progress[i], visited[i] = info["agent"], info["xy"], env.progress, info["visited"]
+            self.t[i] = env.t
+        self.done = self.done | terminated | truncated
+        return self._obs.copy(), reward, terminated, truncated, self._info(visited)
 
 
 if "AntPinpad-v0" not in gymnasium.registry:

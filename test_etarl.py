@@ -1002,3 +1002,114 @@ def test_zero_init_edit_starts_at_u_zero_and_learns(data):
     etarl.meta_loss(model, meta, batch, alpha=0.1)["loss"].backward()
     opt.step()
     assert etarl.meta_loss(model, meta, batch, alpha=0.0)["action_nll"] != base
+
+
+# ==================================================================================================
+# The ant pipeline: the same functions on the second world (`python etarl.py --env ant`)
+# ==================================================================================================
+def test_ant_vector_env_equals_single_envs_and_freezes_ended_episodes():
+    """AntPinpadVec (GridPinpadVec's interface) steps exactly the single envs of seeds seed + i; an ended
+    episode stays frozen (reward 0, not done again) until the next reset."""
+    vec, n = envs.AntPinpadVec(3, task="0-1"), 3
+    singles = [AntPinpad(task="0-1") for _ in range(n)]
+    obs, info = vec.reset(seed=20)
+    for i, env in enumerate(singles):
+        np.testing.assert_array_equal(obs[i], env.reset(seed=20 + i)[0])
+    rng, ended = np.random.default_rng(0), np.zeros(n, bool)
+    for t in range(60):
+        actions = rng.uniform(-1, 1, (n, 8)).astype(np.float32)
+        obs, reward, terminated, truncated, info = vec.step(actions)
+        for i, env in enumerate(singles):
+            if ended[i]:
+                assert reward[i] == 0 and not terminated[i] and not truncated[i]
+                continue
+            o, r, te, tr, inf = env.step(actions[i])
+            np.testing.assert_array_equal(obs[i], o)
+            assert (reward[i], terminated[i], truncated[i], vec.progress[i], vec.agent[i]) == (r, te, tr, env.progress, inf["agent"])
+            ended[i] = te or tr
+        np.testing.assert_array_equal(vec.done, ended)
+    np.testing.assert_array_equal(vec.subgoal, vec.target)            # one colour is one subgoal here
+
+
+def _ant_model():
+    model = _hawk()
+    with torch.no_grad():                                            # a policy that walks somewhere, not falls at once
+        model.action_head.proj.bias[8:].fill_(-1.0)
+    return model
+
+
+def test_ant_rollout_replays_the_recorded_episode_and_raw_action_log_probs():
+    """The ant rollout has no off-by-one: the greedy torques equal the mean of a full forward pass over the
+    recorded observations, and sampled episodes' log-probs replay exactly for the raw-action learner."""
+    model = _ant_model()
+    out = etarl.rollout(model, "0-1-2-3", n=3, seed=3, greedy=True, record=True, max_steps=80)
+    T = out["actions"].shape[1]
+    assert T <= 80 and out["xy"].shape == (3, T + 1, 2) and out["obs"].shape == (3, T + 1, 41)
+    mean = model.action_head.mode(model(torch.as_tensor(out["obs"][:, :T]))["logits"]).detach().numpy()
+    live = np.arange(T) < out["length"][:, None]
+    np.testing.assert_allclose(mean[live], out["actions"][live], atol=1e-5)
+    learner = etarl.RawActionRL(model)
+    batch = learner.act("0-1-2-3", 3, seed=4)
+    torch.testing.assert_close(learner.log_prob(batch)[batch["mask"]], batch["old_logp"][batch["mask"]],
+                               atol=1e-4, rtol=0)
+
+
+def test_ant_full_rank_controllers_switch_by_the_current_colour():
+    """Supervised controllers on the ant are full-rank (rank 0) and the oracle switch reads the env's current
+    colour. On task 1-0, a controller for colour 1 acts from the first step; one for colour 0 leaves every step
+    unchanged until the ant has visited colour 1."""
+    model = _ant_model()
+    plain = etarl.rollout(model, "1-0", 4, seed=1, greedy=True, record=True, max_steps=60)
+    for colour in (1, 0):
+        ctrl = etarl.SubgoalControllers(4, 32, layer=1, rank=0)
+        with torch.no_grad():
+            ctrl.U[colour] = torch.randn(32, 32) / 4
+        seen = []
+        def control_fn(env):
+            seen.append(env.subgoal.copy())
+            return etarl.subgoal_control_fn(ctrl)(env)
+        out = etarl.rollout(model, "1-0", 4, seed=1, control_fn=control_fn, greedy=True, record=True, max_steps=60)
+        if colour == 1:
+            assert (np.abs(out["actions"][:, 0] - plain["actions"][:, 0]).max(-1) > 1e-4).all()
+            continue
+        subgoal = np.stack(seen, 1)                                   # (n, T): the colour aimed at before each step
+        for i in range(4):
+            switched = np.flatnonzero(subgoal[i] == 0)
+            before = switched[0] if len(switched) else min(out["length"][i], plain["length"][i])
+            np.testing.assert_array_equal(out["actions"][i, :before], plain["actions"][i, :before])
+
+
+def test_ant_gate_names_its_measures_and_bad_world_or_preset_names_are_errors():
+    with pytest.raises(RuntimeError, match="action_r2"):
+        etarl.require_gate({"passed": False, "action_r2": 0.3, "probe_mid": 0.2}, "metacontroller", "ant")
+    with pytest.raises(ValueError, match="environment"):
+        etarl.get_preset("cpu", env="mars")
+    with pytest.raises(ValueError, match="preset"):
+        etarl.get_preset("ant-cpu")                                   # the ant's presets are chosen with env="ant"
+    with pytest.raises(SystemExit):
+        etarl.main(["--env", "ant", "--preset", "huge"])
+    model, data = _hawk(), etarl.generate_ant_episodes(4, seed=3)
+    gate = etarl.quality_gate(model, data)
+    assert gate["action_r2"] < 0.5 and not gate["passed"]             # an untrained model explains little
+
+
+def test_tiny_ant_pipeline_runs_every_stage_and_resumes(tmp_path):
+    """`python etarl.py --env ant --preset tiny --force`: every stage on the ant, results normalised by the
+    expert's success, the figures written; a second call recomputes nothing."""
+    results = etarl.Run("tiny", out=str(tmp_path), progress=False, env="ant").results(force=True)
+    assert results["env"] == "ant" and 0 <= results["expert_post_task_success"] <= 1
+    for k in ("gate_action_r2", "meta_f1", "forced_f1", "rl_internal_normalised_success", "rl_raw_action_final_success"):
+        assert k in results, k
+    assert "rl_compile_final_success" not in results                  # the ant presets skip CompILE and co-training
+    for f in ("switching.png", "internal_rl.png", "abstract_actions.png", "pretrain.png", "meta.pt", "meta_forced.pt"):
+        assert (tmp_path / f).exists(), f
+    stamps = {p.name: p.stat().st_mtime for p in tmp_path.glob("*.pt")}
+    etarl.Run("tiny", out=str(tmp_path), progress=False, env="ant").results(force=True)
+    assert stamps == {p.name: p.stat().st_mtime for p in tmp_path.glob("*.pt")}
+
+
+def test_ant_episodes_do_not_depend_on_the_number_of_workers():
+    one = etarl.generate_ant_episodes(3, seed=40, noise=0.1)
+    two = etarl.generate_ant_episodes(3, seed=40, noise=0.1, workers=2)
+    for f in ("obs", "actions", "lengths", "subgoal", "success", "task_id"):
+        np.testing.assert_array_equal(getattr(one, f), getattr(two, f))
