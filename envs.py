@@ -324,7 +324,18 @@ if "GridPinpad-v0" not in gymnasium.registry:
     gymnasium.register("GridPinpad-v0", entry_point=GridPinpad)  # no max_episode_steps: the env truncates at T
 
 
-class GridPinpadVec:
+class _VecTasks:
+    """What the two vectorised worlds share: from tasks (N, K), padded with -1, and progress (N,), the colour
+    each episode heads for next."""
+
+    @property
+    def target(self) -> np.ndarray:
+        """(N,) next colour of each task, -1 when complete."""
+        padded = np.pad(self.tasks, ((0, 0), (0, 1)), constant_values=-1)
+        return padded[np.arange(self.num_envs), self.progress]
+
+
+class GridPinpadVec(_VecTasks):
     """N gridworld-pinpad episodes stepped at once in numpy arrays (used for datasets and evaluation).
 
     The batched analogue of gymnasium's VectorEnv API, without autoreset: an episode that has ended stays
@@ -360,12 +371,6 @@ class GridPinpadVec:
         self.progress, self.t = np.zeros(N, np.int64), np.zeros(N, np.int64)
         self.done = np.zeros(N, bool)
         return self._obs(), self._info(np.full(N, -1))
-
-    @property
-    def target(self) -> np.ndarray:
-        """(N,) next colour of each task, -1 when complete."""
-        padded = np.pad(self.tasks, ((0, 0), (0, 1)), constant_values=-1)
-        return padded[np.arange(self.num_envs), self.progress]
 
     @property
     def subgoal(self) -> np.ndarray:
@@ -625,7 +630,7 @@ class AntPinpad(gymnasium.Env):
             self._renderer = None
 
 
-class AntPinpadVec:
+class AntPinpadVec(_VecTasks):
     """N ant-pinpad episodes with GridPinpadVec's interface (reset(seed), step(actions), and the arrays
     agent, xy, colour_cells, wall_cells, tasks, task_len, progress, t, done, target, subgoal, observation),
     so that data generation, rollouts and RL run the same code on both worlds. The episodes step one after
@@ -650,12 +655,6 @@ class AntPinpadVec:
         self.progress, self.t, self.done = np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, bool)
         self.agent, self.xy = np.array([info["agent"] for info in infos]), np.stack([info["xy"] for info in infos])
         return self._obs.copy(), self._info(np.full(N, -1))
-
-    @property
-    def target(self) -> np.ndarray:
-        """(N,) next colour of each task, -1 when complete."""
-        padded = np.pad(self.tasks, ((0, 0), (0, 1)), constant_values=-1)
-        return padded[np.arange(self.num_envs), self.progress]
 
     @property
     def subgoal(self) -> np.ndarray:
