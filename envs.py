@@ -444,6 +444,17 @@ def expert_actions(env: GridPinpadVec, rng: np.random.Generator, eps: float = 0.
     return action.astype(np.int64)
 
 
+def grid_expert_success(task=None, n: int = 1000, seed: int = 0, eps: float = 0.0) -> float:
+    """The grid expert's success rate over n episodes (seeds seed .. seed+n-1) of `task` (None: a random
+    pretraining task per episode), the counterpart of ant_expert_success."""
+    env = GridPinpadVec(n, task=task)
+    env.reset(seed)
+    rng, reward = np.random.default_rng([seed, 1]), np.zeros(n)
+    while not env.done.all():
+        reward += env.step(expert_actions(env, rng, eps))[1]
+    return float((reward > 0).mean())
+
+
 # ---------------------------------------------------------------- ant-pinpad (paper App. A.2)
 ANT_CELL = 2.0          # metres per grid cell (the paper does not say; the ant spans about 0.8 m leg to leg)
 ANT_FRAME_SKIP = 5      # physics steps of 0.01 s per env step, as gymnasium's Ant-v5
@@ -632,7 +643,8 @@ class AntPinpad(gymnasium.Env):
 
 class AntPinpadVec(_VecTasks):
     """N ant-pinpad episodes with GridPinpadVec's interface (reset(seed), step(actions), and the arrays
-    agent, xy, colour_cells, wall_cells, tasks, task_len, progress, t, done, target, subgoal, observation),
+    agent, xy, colour_cells, wall_cells, tasks, task_len, progress, t, done, target, subgoal, observation;
+    one task, or None for a random pretraining task per episode, but not a list of per-episode tasks),
     so that data generation, rollouts and RL run the same code on both worlds. The episodes step one after
     another in this process (the physics dominates: about 0.3 ms per episode step). Without autoreset: an
     ended episode stays frozen until the next reset. Episode i of reset(seed) is AntPinpad().reset(seed=seed + i).

@@ -134,7 +134,7 @@ class DataConfig:
     eps: float = 0.0            # grid: probability that the expert takes a random non-terminating action
     noise: float = 0.0          # ant: std of the Gaussian torque noise in the training episodes (held-out: none)
     n_meta: int = 0             # noise-free episodes for the controllers and metacontrollers (0: the training set)
-    env: str = "grid"           # "grid" or "ant"
+    env: str = "grid"           # the world this preset is for, "grid" or "ant" (Run checks it)
 
 
 @dataclass
@@ -313,7 +313,7 @@ PRESETS.update({
         sweep=SweepConfig(alphas=(0.0, 1.0), seeds=1, steps=3, co_train_steps=3),
         compile=CompILEConfig(hidden=8, rank=0, steps=3, batch_size=4, length_mean=100.0),
         rl=RLConfig(episodes=8, batch_episodes=4, lrs=(1e-3,), seeds=2, hidden=8, base_episodes=8,
-                    expert_episodes=4, **ANT_RL),
+                    expert_episodes=4, task="0-1-2-3"),           # all four baselines: every code path once
     ),
     # the default for --env ant: about an hour on 2 CPU cores
     "ant-cpu": Preset(
@@ -498,7 +498,7 @@ def generate_ant_episodes(n: int, seed: int, task=None, noise: float = 0.0, T: i
     if workers > 1:
         import multiprocessing                                        # forked workers run numpy and MuJoCo only
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            episodes = list(bar(pool.imap(make, range(n), chunksize=4)))
+            episodes = list(bar(pool.imap(make, range(n))))
     else:
         episodes = [make(i) for i in bar(range(n))]
     Tmax = max(len(a) for _, a, _, _, _ in episodes)
@@ -980,8 +980,10 @@ def quality_gate(model: BaseModel, data, probe_cfg: ProbeConfig | None = None) -
     return report
 
 
-def require_gate(report: dict, stage: str, env: str = "grid") -> None:
-    """Refuse to build on a base model whose residual stream does not know the task."""
+def require_gate(report: dict, stage: str, env: str | None = None) -> None:
+    """Refuse to build on a base model whose residual stream does not know the task (env: read from the report
+    when not given)."""
+    env = env or ("ant" if "action_r2" in report else "grid")
     if not report["passed"]:
         measured = ", ".join(f"{k} {report[k]:.3f}" for k, _ in GATES[env])
         raise RuntimeError(f"{stage}: the base model fails the quality gate ({gate_text(env)}): {measured}. "
@@ -993,8 +995,10 @@ def save_model(model: BaseModel, path) -> None:
 
 
 def load_model(path, device=None) -> BaseModel:
+    """A saved base model, rebuilt for its world (files from before the world was saved: read from the head)."""
     ckpt = torch.load(path, map_location=device or "cpu")
-    model = build_model(ModelConfig(**ckpt["cfg"]), ckpt.get("env", "grid"))
+    env = ckpt.get("env", "ant" if ckpt["cfg"].get("head") == "gaussian" else "grid")
+    model = build_model(ModelConfig(**ckpt["cfg"]), env)
     model.load_state_dict(ckpt["state"])
     return model.to(device or "cpu")
 
@@ -1440,7 +1444,7 @@ def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, te
         cfg = dataclasses.replace(meta_cfg, alpha=alpha, co_train=co_train,
                                   steps=sweep.co_train_steps if co_train else sweep.steps)
         torch.manual_seed(seed)
-        model = build_model(model_cfg).to(device) if co_train else base
+        model = build_model(model_cfg, base.env).to(device) if co_train else base
         meta, _ = train_metacontroller(model, train, cfg, seed, progress=False)
         rows.append({"base": "co-trained" if co_train else "frozen", "alpha": alpha, "seed": seed,
                      **evaluate_metacontroller(model, meta, test)})
@@ -1823,6 +1827,8 @@ class Run:
                  progress: bool = True, env: str = "grid"):
         self.preset, self.seed, self.progress, self.env = preset, seed, progress, env
         self.cfg = get_preset(preset, env)
+        if self.cfg.data.env != env:
+            raise ValueError(f"preset {preset!r} is for the {self.cfg.data.env} world, not {env!r}")
         self.device = torch.device(device) if device else default_device()
         self.dir = Path(out or f"runs/{env}-{preset}-s{seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -1874,12 +1880,15 @@ class Run:
         """What the supervised controllers and the metacontrollers train on: noise-free expert episodes (the
         paper uses the expert's mean actions). The grid's training set is noise-free already (eps = 0); the
         ant gets a set of its own, cfg.data.n_meta episodes from a disjoint seed range."""
-        c = self.cfg.data
+        c, s = self.cfg.data, self.seed * 10**7 + 7 * 10**6
         if not c.n_meta:
             return self.data()[0]
-        make = lambda: generate_ant_episodes(c.n_meta, self.seed * 10**7 + 7 * 10**6, progress=self.progress,
-                                             workers=min(8, os.cpu_count() or 1))
-        return self._stage("data_meta", "noise_free.npz", make, AntEpisodes.save, AntEpisodes.load)
+        if self.env == "ant":
+            kind, make = AntEpisodes, lambda: generate_ant_episodes(c.n_meta, s, progress=self.progress,
+                                                                    workers=min(8, os.cpu_count() or 1))
+        else:
+            kind, make = Episodes, lambda: generate_episodes(c.n_meta, s)
+        return self._stage("data_meta", "noise_free.npz", make, kind.save, kind.load)
 
     def base_model(self) -> tuple[BaseModel, dict]:
         """The pretrained base model and its training history (with the gate measured along the way)."""
@@ -1974,6 +1983,10 @@ class Run:
         """Fig. 8: internal RL and the baselines on the post-training task, and the pretrained model's own
         success there (a Wilson interval over many sampled episodes)."""
         def make():
+            unknown = set(self.cfg.rl.methods) - set(RL_LABELS)
+            if unknown or "internal" not in self.cfg.rl.methods:
+                raise ValueError(f"RLConfig.methods must include 'internal' and name only {sorted(RL_LABELS)}; "
+                                 f"got {self.cfg.rl.methods}")
             if not force:
                 require_gate(self.gate(), "internal RL", self.env)
             base, rl = self.base_model()[0], self.cfg.rl
@@ -1992,8 +2005,9 @@ class Run:
             k = sum(int(rollout(base, task, n, 10**8 + 2_000 * i)["success"].sum()) for i, n in enumerate(chunks))
             result["base"] = {"successes": k, "episodes": rl.base_episodes,
                               "interval": success_interval(k, rl.base_episodes)}
-            if rl.expert_episodes:                                    # the ant's Fig. 8b divides by this
-                result["expert_success"] = envs.ant_expert_success(task, rl.expert_episodes, seed=10**8)
+            if rl.expert_episodes:                                    # Fig. 8b (the ant) divides by this
+                expert = envs.ant_expert_success if self.env == "ant" else envs.grid_expert_success
+                result["expert_success"] = expert(task, rl.expert_episodes, seed=10**8)
             return result
 
         def save(result, path):
@@ -2014,9 +2028,8 @@ class Run:
         def make():
             if not force:
                 require_gate(self.gate(), "rate-distortion sweep", self.env)
-            train, test = self.data()
-            return rate_distortion(freeze(self.base_model()[0]), self.cfg.model, train, test, self.cfg.meta,
-                                   self.cfg.sweep, self.progress)
+            return rate_distortion(freeze(self.base_model()[0]), self.cfg.model, self.meta_data(), self.data()[1],
+                                   self.cfg.meta, self.cfg.sweep, self.progress)
         return self._stage("rate_distortion", "rate_distortion.json", make, _json_save, _json_load)
 
     def times(self) -> dict:
@@ -2190,9 +2203,10 @@ def plot_internal_rl(rl: dict):
         ax.axhline(rl["base"]["interval"][1] * scale, c="grey", ls="--", lw=1, label="pretrained model (95% upper)")
         ax.set(xlabel="episodes", ylabel="success rate" if scale == 1 else
                f"success / expert's ({rl['expert_success']:.2f})")
-    axes[0].set(ylim=(-0.02, 1.02), title="Internal RL on the post-training task (Fig. 8)")
+    top = max(1.0, scale)                                               # normalised: the policy may beat the expert
+    axes[0].set(ylim=(-0.02, top + 0.02), title="Internal RL on the post-training task (Fig. 8)")
     axes[1].set_yscale("symlog", linthresh=1e-3)                        # linear below 1e-3, so 0 is drawn
-    axes[1].set(ylim=(0, 1.05), title="log scale (Fig. A5)")
+    axes[1].set(ylim=(0, top + 0.05), title="log scale (Fig. A5)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -2244,7 +2258,7 @@ def write_report(run: Path, results: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--env", default="grid", help=f"world: {' or '.join(WORLDS)}")
-    p.add_argument("--preset", default="cpu", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--preset", default="cpu", help="tiny, cpu or paper (with --env ant: the ant's versions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<env>-<preset>-s<seed>)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
