@@ -794,17 +794,23 @@ def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generat
     return action
 
 
+def ant_expert_episode(seed: int, task=None, noise: float = 0.0, T: int = 500) -> tuple:
+    """One expert episode of AntPinpad(task, T).reset(seed=seed): observations (T'+1, 41), the torques as
+    applied (T', 8), the colour aimed at before each step (T',), success, and the task."""
+    env = AntPinpad(task=task, T=T)
+    o, info = env.reset(seed=seed)
+    rng = np.random.default_rng([seed, 1])
+    obs, actions, subgoal, done, reward = [o], [], [], False, 0.0
+    while not done:
+        subgoal.append(info["subgoal"])
+        actions.append(ant_expert_action(env, noise, rng).astype(np.float32))
+        o, reward, terminated, truncated, info = env.step(actions[-1])
+        obs.append(o)
+        done = terminated or truncated
+    return np.array(obs), np.array(actions), np.array(subgoal), reward > 0, env.task
+
+
 def ant_expert_success(task=None, n: int = 200, seed: int = 0, noise: float = 0.0) -> float:
     """The expert's success rate over n episodes (seeds seed .. seed+n-1) of `task` (None: a random
     pretraining task per episode). One core: about 0.2 s per episode."""
-    wins = 0
-    for i in range(n):
-        env = AntPinpad(task=task)
-        env.reset(seed=seed + i)
-        rng = np.random.default_rng(seed + i)
-        while True:
-            _, reward, terminated, truncated, _ = env.step(ant_expert_action(env, noise, rng))
-            if terminated or truncated:
-                break
-        wins += reward > 0
-    return wins / n
+    return float(np.mean([ant_expert_episode(seed + i, task, noise)[3] for i in range(n)]))

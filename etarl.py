@@ -90,13 +90,13 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     paper's metacontroller does, and the held-out episodes are noise-free too. The ant's quality
     gate (ours; the paper has none) asks for an action R^2 >= 0.9 on the held-out noise-free torques and a
     colour probe >= 0.5 at L/2. Code injection on the ant runs the one-colour task "g".
-18. Ant scale at the cpu preset (PRESETS["ant-cpu"]): 800 training, 400 noise-free and 200 held-out episodes;
-    Hawk with d = 128, 4 blocks, MLP 256 (paper 256, 8, 512); 4,000 steps x 16 episodes at lr 1e-3 with warm-up and
-    cosine decay (paper 204.8k x 512 at 3e-4); supervised controllers only at L/2, full-rank, 300 steps x 16
-    at lr 3e-3 (paper 3e-4); metacontrollers 300 steps x 16 at lr 1e-3 (paper 32k x 128 at 3e-4); RL batches
-    of 64 episodes, 512 per run (paper 256 per batch); the baselines are raw-action RL and forced switching
-    (CompILE and co-training are left out for time; RLConfig.methods adds them). Fig. 8b divides success by the
-    noise-free expert's own success on the task over 200 episodes.
+18. Ant scale at the cpu preset (PRESETS["ant-cpu"]): 800 training, 400 noise-free and 200 held-out
+    episodes; Hawk with d = 128, 4 blocks, MLP 256 (paper 256, 8, 512); 4,000 steps x 16 episodes at lr 1e-3
+    with warm-up and cosine decay (paper 204.8k x 512 at 3e-4); supervised controllers only at L/2,
+    full-rank, 300 steps x 16 at lr 3e-3 (paper 3e-4); metacontrollers 300 steps x 16 at lr 1e-3 (paper 32k
+    x 128 at 3e-4); RL batches of 64 episodes, 512 per run (paper 256 per batch); the baselines are
+    raw-action RL and forced switching (CompILE and co-training are left out for time; RLConfig.methods adds
+    them). Fig. 8b divides success by the noise-free expert's own success on the task over 200 episodes.
 19. envs.AntPinpadVec, the ant's counterpart of GridPinpadVec (same interface, no autoreset), steps its
     episodes one after another in one process: the physics dominates and the 2 cores are shared with the
     model. gymnasium.make_vec("AntPinpad-v0", ...) gives the standard autoresetting vector env.
@@ -472,35 +472,20 @@ class AntEpisodes(_EpisodeArrays):
                 "mask": as_t(np.arange(T) < self.lengths[idx, None], torch.bool), "subgoal": subgoal, "target": subgoal}
 
 
-def _ant_expert_episode(i: int, seed: int, task, noise: float, T: int) -> tuple:
-    """One expert episode: AntPinpad.reset(seed=seed + i), torques stored as applied."""
-    env = envs.AntPinpad(task=task, T=T)
-    o, info = env.reset(seed=seed + i)
-    rng = np.random.default_rng([seed + i, 1])
-    obs, actions, subgoal, done, reward = [o], [], [], False, 0.0
-    while not done:
-        subgoal.append(info["subgoal"])
-        actions.append(envs.ant_expert_action(env, noise, rng).astype(np.float32))
-        o, reward, terminated, truncated, info = env.step(actions[-1])
-        obs.append(o)
-        done = terminated or truncated
-    return np.array(obs), np.array(actions), np.array(subgoal), reward > 0, env.task
-
-
 def generate_ant_episodes(n: int, seed: int, task=None, noise: float = 0.0, T: int = 500,
                           progress: bool = False, workers: int = 1) -> AntEpisodes:
-    """Roll out the ant expert (envs.ant_expert_action) in n episodes (about 0.2 s each on one core), spread
+    """Roll out the ant expert (envs.ant_expert_episode) in n episodes (about 0.2 s each on one core), spread
     over `workers` processes; the episodes do not depend on the number of workers. Episode i is
     AntPinpad.reset(seed=seed + i); noise is the std of the Gaussian torque noise (0: the noise-free expert
     the paper uses for the metacontroller's data). Failed episodes are kept."""
-    make = functools.partial(_ant_expert_episode, seed=seed, task=task, noise=noise, T=T)
+    make = functools.partial(envs.ant_expert_episode, task=task, noise=noise, T=T)
     bar = lambda it: tqdm(it, total=n, desc="ant expert episodes", disable=not progress, mininterval=2)
     if workers > 1:
         import multiprocessing                                        # forked workers run numpy and MuJoCo only
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            episodes = list(bar(pool.imap(make, range(n))))
+            episodes = list(bar(pool.imap(make, range(seed, seed + n))))
     else:
-        episodes = [make(i) for i in bar(range(n))]
+        episodes = [make(s) for s in bar(range(seed, seed + n))]
     Tmax = max(len(a) for _, a, _, _, _ in episodes)
     pad = lambda x, length, value: np.concatenate([x, np.full((length - len(x),) + x.shape[1:], value, x.dtype)])
     table = {t: k for k, t in enumerate(envs.ANT_PRETRAIN_TASKS)}
@@ -1811,6 +1796,11 @@ def rl_summary(rl: dict) -> dict:
 # ==================================================================================================
 # 9. Experiment runner: `python etarl.py`
 # ==================================================================================================
+BASELINE_STAGES = {   # RL baselines with a model of their own: results.json prefix, the Run stage that trains it
+    "co_trained": ("cotrained", "co_trained"), "forced_switch": ("forced", "meta_forced"), "compile": ("compile", "compile_model"),
+}
+
+
 class Run:
     """One run folder and its stages, in pipeline order. Each stage makes its artefact once, saves it,
     and reloads it after that, so an interrupted run resumes and the notebook can show each stage.
@@ -1865,30 +1855,28 @@ class Run:
         set is noise-free; so is the grid's training set by default (eps = 0), while the ant's training
         torques carry Gaussian noise for diversity (cfg.data.noise)."""
         c, s = self.cfg.data, self.seed * 10**7
+        return (self._episodes("data_train", "train.npz", c.n_train, s, noisy=True),
+                self._episodes("data_eval", "eval.npz", c.n_eval, s + 5 * 10**6))
+
+    def _episodes(self, name: str, file: str, n: int, seed: int, noisy: bool = False):
+        """A stage of n expert episodes of this run's world from seeds seed.., noise-free unless `noisy` (then
+        with the grid's eps or the ant's torque noise)."""
+        c = self.cfg.data
         if self.env == "ant":
             workers = min(8, os.cpu_count() or 1)                     # the episodes do not depend on it
-            kind, train, test = AntEpisodes, lambda: generate_ant_episodes(c.n_train, s, noise=c.noise,
-                                                                           progress=self.progress, workers=workers), \
-                lambda: generate_ant_episodes(c.n_eval, s + 5 * 10**6, progress=self.progress, workers=workers)
+            make = lambda: generate_ant_episodes(n, seed, noise=c.noise if noisy else 0.0, progress=self.progress,
+                                                 workers=workers)
         else:
-            kind, train, test = Episodes, lambda: generate_episodes(c.n_train, s, eps=c.eps), \
-                lambda: generate_episodes(c.n_eval, s + 5 * 10**6)
-        return (self._stage("data_train", "train.npz", train, kind.save, kind.load),
-                self._stage("data_eval", "eval.npz", test, kind.save, kind.load))
+            make = lambda: generate_episodes(n, seed, eps=c.eps if noisy else 0.0)
+        kind = AntEpisodes if self.env == "ant" else Episodes
+        return self._stage(name, file, make, kind.save, kind.load)
 
     def meta_data(self):
         """What the supervised controllers and the metacontrollers train on: noise-free expert episodes (the
         paper uses the expert's mean actions). The grid's training set is noise-free already (eps = 0); the
         ant gets a set of its own, cfg.data.n_meta episodes from a disjoint seed range."""
-        c, s = self.cfg.data, self.seed * 10**7 + 7 * 10**6
-        if not c.n_meta:
-            return self.data()[0]
-        if self.env == "ant":
-            kind, make = AntEpisodes, lambda: generate_ant_episodes(c.n_meta, s, progress=self.progress,
-                                                                    workers=min(8, os.cpu_count() or 1))
-        else:
-            kind, make = Episodes, lambda: generate_episodes(c.n_meta, s)
-        return self._stage("data_meta", "noise_free.npz", make, kind.save, kind.load)
+        n = self.cfg.data.n_meta
+        return self._episodes("data_meta", "noise_free.npz", n, self.seed * 10**7 + 7 * 10**6) if n else self.data()[0]
 
     def base_model(self) -> tuple[BaseModel, dict]:
         """The pretrained base model and its training history (with the gate measured along the way)."""
@@ -1996,9 +1984,8 @@ class Run:
                         "co_trained": lambda: InternalRL(*self.co_trained()[:2], rl.hidden),
                         "compile": lambda: InternalRL(base, self.compile_model()[0], rl.hidden)}
             meta = self.metacontroller(force)[0]
-            for name in rl.methods:                                   # train the baselines' models first
-                {"forced_switch": self.meta_forced, "co_trained": self.co_trained,
-                 "compile": self.compile_model}.get(name, lambda: None)()
+            for name in [m for m in rl.methods if m in BASELINE_STAGES]:   # train the baselines' models first
+                getattr(self, BASELINE_STAGES[name][1])()
             task = envs.parse_task(rl.task)
             result = rl_experiment({k: learners[k] for k in rl.methods}, task, rl, self.progress)
             chunks = [min(2_000, rl.base_episodes - i) for i in range(0, rl.base_episodes, 2_000)]
@@ -2062,12 +2049,9 @@ class Run:
         if gate["passed"] or force:
             meta = self.metacontroller(force)[0]
             results.update({f"meta_{k}": v for k, v in self.meta_eval(force).items()})
-            baselines = {"co_trained": ("cotrained", lambda: self.co_trained()[2]),
-                         "forced_switch": ("forced", lambda: self.meta_forced()[1]),
-                         "compile": ("compile", lambda: self.compile_model()[1])}
-            for method, (prefix, stage) in baselines.items():
-                if method in cfg.rl.methods:
-                    results.update({f"{prefix}_{k}": v for k, v in stage().items() if k != "history"})
+            for method, (prefix, stage) in BASELINE_STAGES.items():
+                if method in cfg.rl.methods:                          # a stage returns its evaluation last
+                    results.update({f"{prefix}_{k}": v for k, v in getattr(self, stage)()[-1].items() if k != "history"})
             rl = self.internal_rl(force)
             results.update(rl_summary(rl))
         else:
