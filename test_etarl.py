@@ -157,6 +157,9 @@ def test_grid_observation_channels():
     maps = obs.reshape(2, 2, 13, 49)
     assert (maps.sum(-1) == 1).all()
     np.testing.assert_array_equal(maps.argmax(-1)[1, 0], [*range(10, 18), 30, 31, 32, 33, 7])
+    as_t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.long)
+    torch_obs = etarl.grid_observation_torch(as_t(agent), as_t(colours), as_t(walls))   # what a GPU batch uses
+    np.testing.assert_array_equal(torch_obs.numpy(), obs)
 
 
 def test_render_draws_the_grid():
