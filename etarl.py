@@ -100,6 +100,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
 19. envs.AntPinpadVec, the ant's counterpart of GridPinpadVec (same interface, no autoreset), steps its
     episodes one after another in one process: the physics dominates and the 2 cores are shared with the
     model. gymnasium.make_vec("AntPinpad-v0", ...) gives the standard autoresetting vector env.
+20. On CUDA, Run turns on TF32 matmuls (torch.set_float32_matmul_precision("high")) and grid batches are
+    built on the device; the paper does not say what precision it trained in. On CPU nothing changes.
 """
 from __future__ import annotations
 

@@ -1,0 +1,178 @@
+"""Why the supervised controllers fail on the gridworld: the experiments behind the README's numbers.
+
+Two commands, both printing one line per measurement and writing a JSON file:
+
+  python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
+      on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised
+      controllers with another layer, rank, learning rate or loss mask (all steps, only t = 0, only
+      steps heading for the first colour of a pair). About 5 minutes on 2 cores.
+
+  python experiments/controllers.py scale --d-model 256 --layers 6 --batch 512 --lr 1e-3 --budget 180
+      on a GPU: a fresh base model of another shape trained for a time budget on 1M expert episodes
+      (bf16 autocast, warm-up and cosine over the budget), its quality gate and probes, then the
+      cpu preset's controllers at every layer. About 6 minutes on an H200.
+
+Both report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
+the controlled model's action probability on shortest-path moves on held-out expert episodes
+(teacher forcing): at t = 0, on steps heading for the first colour of a pair, and on the rest.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import envs    # noqa: E402
+import etarl   # noqa: E402
+
+TASKS = ("0-1-4-5-0-1", "0-1-2-3", "0-1-2-3-4-5-6-7-0-1-2-3")   # a pretraining task, one and five unseen transitions
+
+
+def shortest_path_mass(model, data: etarl.Episodes, control_fn=None, n: int = 1000) -> dict:
+    """Mean probability on shortest-path moves (teacher forcing) at t = 0, on first-colour steps, and the rest."""
+    device = next(model.parameters()).device
+    b = data.batch(np.arange(n), device)
+    with torch.no_grad():
+        p = model(b["obs"][:, :-1], None if control_fn is None else control_fn(b["subgoal"]))["logits"].softmax(-1)
+    sp, m = (p * b["optimal"]).sum(-1), b["mask"]
+    first = m & (b["target"] % 2 == 0)
+    return {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(), "sp_second": sp[m & ~first].mean().item()}
+
+
+def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
+    """Teacher-forced shortest-path mass and success with the controllers on TASKS (progress histogram too)."""
+    out = shortest_path_mass(model, data, ctrl)
+    for task in TASKS:
+        r = etarl.rollout(model, envs.parse_task(task), episodes, 1, etarl.subgoal_control_fn(ctrl))
+        out[task] = float(r["success"].mean())
+        out[task + " progress"] = np.bincount(r["progress"], minlength=len(envs.parse_task(task)) + 1).tolist()
+    return out
+
+
+def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.SubgoalControllers:
+    """etarl.train_controllers with the action NLL restricted to some steps (`loss_on`: all, t0, first)."""
+    if loss_on == "all":
+        return etarl.train_controllers(model, data, layer, etarl.ControlConfig(rank=rank, lr=lr, steps=steps), seed,
+                                       progress=False)[0]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank)
+    opt = torch.optim.AdamW(ctrl.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        b = data.batch(rng.integers(len(data), size=128), "cpu")
+        logp = model.action_head.log_prob(model(b["obs"][:, :-1], ctrl(b["subgoal"]))["logits"], b["actions"].clamp(min=0))
+        if loss_on == "first":
+            m = b["mask"] & (b["target"] % 2 == 0)
+        else:                                                    # t0: only the first step of each episode
+            m = torch.zeros_like(b["mask"])
+            m[:, 0] = True
+        loss = -(logp * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return ctrl
+
+
+def variants(args) -> dict:
+    run = etarl.Run("cpu", progress=False)
+    model = etarl.freeze(run.base_model()[0])
+    train, test = run.data()
+    t0 = time.time()
+    ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on)
+    return {"train_s": time.time() - t0, "base": shortest_path_mass(model, test), **evaluate(model, ctrl, test, 300)}
+
+
+def _generate(job):
+    n, seed = job
+    return etarl.generate_episodes(n, seed)
+
+
+def concatenate(parts: list) -> etarl.Episodes:
+    """One Episodes from several, padding the time axis (the agent's last cell repeats; other fields -1 or False)."""
+    T = max(p.actions.shape[1] for p in parts)
+    fields = {}
+    for name in ("agent", "actions", "target", "subgoal", "optimal"):
+        width = T + 1 if name == "agent" else T
+        padded = []
+        for p in parts:
+            x = getattr(p, name)
+            y = (np.repeat(x[:, -1:], width, 1) if name == "agent"
+                 else np.full((len(x), width) + x.shape[2:], False if name == "optimal" else -1, x.dtype))
+            y[:, : x.shape[1]] = x
+            padded.append(y)
+        fields[name] = np.concatenate(padded)
+    for name in ("colour_cells", "wall_cells", "lengths", "task_id"):
+        fields[name] = np.concatenate([getattr(p, name) for p in parts])
+    return etarl.Episodes(**fields, grid_size=parts[0].grid_size)
+
+
+def scale(args) -> dict:
+    device = etarl.default_device()
+    torch.set_float32_matmul_precision("high")
+    chunk = min(50_000, args.episodes)
+    with Pool(args.workers) as pool:
+        train = concatenate(pool.map(_generate, [(chunk, s) for s in range(0, args.episodes, chunk)]))
+    test = etarl.generate_episodes(2000, 5 * 10**6)
+    cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512)
+    model = etarl.build_model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.03)
+    rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
+    step, total, start = 0, None, time.time()
+    while time.time() - start < args.budget:                     # cosine over the budget, counted in steps after 50
+        if step == 50:
+            total = int(args.budget / ((time.time() - start) / 50))
+        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, step / total)))) \
+            if total else args.lr * (step + 1) / 300
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(train.batch(etarl.length_bucketed_batch(by_length, args.batch, rng), device))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+    out = {"steps": step, "episodes_seen": step * args.batch, "train_s": time.time() - start,
+           "gate": etarl.quality_gate(model, test), "probes": etarl.probe_layers(model, test).tolist()}
+    etarl.freeze(model)
+    out["base"] = {**shortest_path_mass(model, test), TASKS[-1]: float(etarl.rollout(
+        model, envs.parse_task(TASKS[-1]), 500, 1)["success"].mean())}
+    print(json.dumps(out), flush=True)
+    for layer in range(1, args.layers):
+        ctrl, _ = etarl.train_controllers(model, train, layer, etarl.ControlConfig(), 0, progress=False)
+        out[f"layer {layer}"] = evaluate(model, ctrl, test, 500)
+        print(layer, json.dumps(out[f"layer {layer}"]), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("variants")
+    v.add_argument("--layer", type=int, default=2)
+    v.add_argument("--rank", type=int, default=16, help="0: full rank")
+    v.add_argument("--lr", type=float, default=1e-2)
+    v.add_argument("--steps", type=int, default=600)
+    v.add_argument("--loss-on", choices=("all", "t0", "first"), default="all")
+    s = sub.add_parser("scale")
+    s.add_argument("--d-model", type=int, default=256)
+    s.add_argument("--layers", type=int, default=6)
+    s.add_argument("--batch", type=int, default=512)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--budget", type=float, default=180, help="training seconds")
+    s.add_argument("--episodes", type=int, default=1_000_000)
+    s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    for p in (v, s):
+        p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
+    args = ap.parse_args()
+    result = {"args": vars(args), **(variants(args) if args.command == "variants" else scale(args))}
+    path = args.out or f"experiments/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    Path(path).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if "progress" not in k}, indent=1))
