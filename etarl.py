@@ -403,7 +403,7 @@ class Episodes(_EpisodeArrays):
 
     def observations(self, idx, t_max: int, device=None) -> torch.Tensor:
         """(B, t_max + 1, O) one-hot observations o_0 .. o_t_max of episodes idx (envs.grid_observation's
-        layout). On a GPU they are built there from the cells: a batch of 1024 would be 0.6 GB to copy."""
+        layout). On a GPU they are built there from the cells: a batch of 1024 can be 0.26 GB to copy."""
         agent, colours, walls = self.agent[idx, : t_max + 1], self.colour_cells[idx, None], self.wall_cells[idx, None]
         if torch.device(device or "cpu").type == "cpu":                # numpy is 3x faster here
             return torch.from_numpy(envs.grid_observation(agent, colours, walls, self.grid_size))

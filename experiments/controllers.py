@@ -5,12 +5,13 @@ Two commands, both printing one line per measurement and writing a JSON file:
   python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
       on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised
       controllers with another layer, rank, learning rate or loss mask (all steps, only t = 0, only
-      steps heading for the first colour of a pair). About 5 minutes on 2 cores.
+      steps heading for the first colour of a pair). 4-8 minutes on 2 cores.
 
   python experiments/controllers.py scale --d-model 256 --layers 6 --batch 512 --lr 1e-3 --budget 180
       on a GPU: a fresh base model of another shape trained for a time budget on 1M expert episodes
       (bf16 autocast, warm-up and cosine over the budget), its quality gate and probes, then the
-      cpu preset's controllers at every layer. About 6 minutes on an H200.
+      cpu preset's controllers at every layer (on 200k noise-free episodes when --eps > 0). About 6 minutes on
+      an H200. The cosine's length is estimated from the first 50 steps (on a GPU that includes its warm-up).
 
 Both report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
 the controlled model's action probability on shortest-path moves on held-out expert episodes
@@ -60,12 +61,13 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.
     if loss_on == "all":
         return etarl.train_controllers(model, data, layer, etarl.ControlConfig(rank=rank, lr=lr, steps=steps), seed,
                                        progress=False)[0]
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank)
+    ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
-        b = data.batch(rng.integers(len(data), size=128), "cpu")
+        b = data.batch(rng.integers(len(data), size=128), device)
         logp = model.action_head.log_prob(model(b["obs"][:, :-1], ctrl(b["subgoal"]))["logits"], b["actions"].clamp(min=0))
         if loss_on == "first":
             m = b["mask"] & (b["target"] % 2 == 0)
@@ -89,8 +91,8 @@ def variants(args) -> dict:
 
 
 def _generate(job):
-    n, seed = job
-    return etarl.generate_episodes(n, seed)
+    n, seed, eps = job
+    return etarl.generate_episodes(n, seed, eps=eps)
 
 
 def concatenate(parts: list) -> etarl.Episodes:
@@ -117,7 +119,9 @@ def scale(args) -> dict:
     torch.set_float32_matmul_precision("high")
     chunk = min(50_000, args.episodes)
     with Pool(args.workers) as pool:
-        train = concatenate(pool.map(_generate, [(chunk, s) for s in range(0, args.episodes, chunk)]))
+        train = concatenate(pool.map(_generate, [(chunk, s, args.eps) for s in range(0, args.episodes, chunk)]))
+        clean = train if args.eps == 0 else concatenate(pool.map(      # the controllers train on noise-free episodes
+            _generate, [(chunk, 10**7 + s, 0.0) for s in range(0, min(args.episodes, 200_000), chunk)]))
     test = etarl.generate_episodes(2000, 5 * 10**6)
     cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512)
     model = etarl.build_model(cfg).to(device)
@@ -146,8 +150,10 @@ def scale(args) -> dict:
         model, envs.parse_task(TASKS[-1]), 500, 1)["success"].mean())}
     print(json.dumps(out), flush=True)
     for layer in range(1, args.layers):
-        ctrl, _ = etarl.train_controllers(model, train, layer, etarl.ControlConfig(), 0, progress=False)
+        ctrl, _ = etarl.train_controllers(model, clean, layer, etarl.ControlConfig(), 0, progress=False)
         out[f"layer {layer}"] = evaluate(model, ctrl, test, 500)
+        out[f"layer {layer}"][TASKS[-1] + " greedy"] = float(etarl.rollout(
+            model, envs.parse_task(TASKS[-1]), 500, 1, etarl.subgoal_control_fn(ctrl), greedy=True)["success"].mean())
         print(layer, json.dumps(out[f"layer {layer}"]), flush=True)
     return out
 
@@ -168,6 +174,7 @@ if __name__ == "__main__":
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--budget", type=float, default=180, help="training seconds")
     s.add_argument("--episodes", type=int, default=1_000_000)
+    s.add_argument("--eps", type=float, default=0.0, help="the expert's random-action rate in the pretraining data")
     s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     for p in (v, s):
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
