@@ -15,7 +15,8 @@ Two commands, both printing one line per measurement and writing a JSON file:
 
 Both report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
 the controlled model's action probability on shortest-path moves on held-out expert episodes
-(teacher forcing): at t = 0, on steps heading for the first colour of a pair, and on the rest.
+(teacher forcing): at t = 0, on steps heading for the first colour of a pair (also by the number of steps
+since that pair began), and on the rest.
 """
 import argparse
 import json
@@ -41,9 +42,13 @@ def shortest_path_mass(model, data: etarl.Episodes, control_fn=None, n: int = 10
     b = data.batch(np.arange(n), device)
     with torch.no_grad():
         p = model(b["obs"][:, :-1], None if control_fn is None else control_fn(b["subgoal"]))["logits"].softmax(-1)
-    sp, m = (p * b["optimal"]).sum(-1), b["mask"]
-    first = m & (b["target"] % 2 == 0)
-    return {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(), "sp_second": sp[m & ~first].mean().item()}
+    sp, m, target = (p * b["optimal"]).sum(-1), b["mask"], b["target"]
+    first = m & (target % 2 == 0)
+    since = torch.zeros_like(target)                              # steps since the current target began
+    for t in range(1, target.shape[1]):
+        since[:, t] = torch.where(target[:, t] == target[:, t - 1], since[:, t - 1] + 1, 0)
+    return {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(), "sp_second": sp[m & ~first].mean().item(),
+            "sp_first_by_steps_since_start": [sp[first & (since == k)].mean().item() for k in range(6)]}
 
 
 def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
