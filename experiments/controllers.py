@@ -11,7 +11,8 @@ Two commands, both printing one line per measurement and writing a JSON file:
       on a GPU: a fresh base model of another shape trained for a time budget on 1M expert episodes
       (bf16 autocast, warm-up and cosine over the budget), its quality gate and probes, then the
       cpu preset's controllers at every layer (on 200k noise-free episodes when --eps > 0). About 6 minutes on
-      an H200. The cosine's length is estimated from the first 50 steps (on a GPU that includes its warm-up).
+      an H200. The cosine (etarl.lr_at) has its length estimated from the first 50 steps (on a GPU that includes
+      its warm-up), and stays at its floor if the run outlasts the estimate.
 
 Both report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
 the controlled model's action probability on shortest-path moves on held-out expert episodes
@@ -132,14 +133,13 @@ def scale(args) -> dict:
     model = etarl.build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.03)
     rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
-    step, total, start = 0, None, time.time()
-    while time.time() - start < args.budget:                     # cosine over the budget, counted in steps after 50
-        if step == 50:
-            total = int(args.budget / ((time.time() - start) / 50))
-        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, step / total)))) \
-            if total else args.lr * (step + 1) / 300
+    schedule = etarl.PretrainConfig(steps=10**9, lr=args.lr)     # the cpu preset's warm-up and cosine (deviation 2)
+    step, start = 0, time.time()
+    while time.time() - start < args.budget:
+        if step == 50:                                            # the cosine's length: the budget in steps
+            schedule.steps = int(args.budget / ((time.time() - start) / 50))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = etarl.lr_at(min(step, schedule.steps), schedule)
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model.loss(train.batch(etarl.length_bucketed_batch(by_length, args.batch, rng), device))["loss"]
