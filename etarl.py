@@ -1046,9 +1046,9 @@ def train_controllers(model: BaseModel, data: Episodes, layer: int, cfg: Control
     n_subgoals = int(data.subgoal.max()) + 1
     ctrl = SubgoalControllers(n_subgoals, model.cfg.d_model, layer, cfg.rank).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = {"action_nll": []}
+    by_length, history = np.argsort(data.lengths, kind="stable"), {"action_nll": []}
     for _ in tqdm(range(cfg.steps), desc=f"controllers@{layer}", disable=not progress, leave=False):
-        batch = data.batch(rng.integers(len(data), size=cfg.batch_size), device)
+        batch = data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device)
         loss = model.loss(batch, control=ctrl(batch["subgoal"]), obs_loss=False)["action_nll"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -72,8 +72,9 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.
     rng = np.random.default_rng(seed)
     ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=lr, weight_decay=0.0)
+    by_length = np.argsort(data.lengths, kind="stable")
     for _ in range(steps):
-        b = data.batch(rng.integers(len(data), size=128), device)
+        b = data.batch(etarl.length_bucketed_batch(by_length, 128, rng), device)
         logp = model.action_head.log_prob(model(b["obs"][:, :-1], ctrl(b["subgoal"]))["logits"], b["actions"].clamp(min=0))
         if loss_on == "first":
             m = b["mask"] & (b["target"] % 2 == 0)
