@@ -922,6 +922,27 @@ def test_hawk_step_by_step_equals_full_forward(controlled):
     torch.testing.assert_close(torch.stack(step, 1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 100])
+def test_linear_scan_equals_the_loop(T):
+    """The GPU's log-depth scan of the RG-LRU gives the loop's states and gradients, for any length and a
+    nonzero initial state (the gates span the trained range, down to a_t ~ 1e-4)."""
+    gen = torch.Generator().manual_seed(T)
+    a = torch.rand(3, T, 5, generator=gen).pow(4).clamp(min=1e-4).requires_grad_()
+    b, h0 = torch.randn(3, T, 5, generator=gen).requires_grad_(), torch.randn(3, 5, generator=gen)
+    h, loop = h0, []
+    for t in range(T):                                   # the recurrence written out, against both functions
+        h = a[:, t] * h + b[:, t]
+        loop.append(h)
+    loop = torch.stack(loop, 1)
+    torch.testing.assert_close(etarl.linear_loop(a, b, h0), loop, rtol=0, atol=0)
+    scan = etarl.linear_scan(a, b, h0)
+    torch.testing.assert_close(scan, loop)
+    w = torch.randn(3, T, 5, generator=gen)
+    grads = [torch.autograd.grad((y * w).sum(), (a, b)) for y in (scan, loop)]
+    for g_scan, g_loop in zip(*grads):
+        torch.testing.assert_close(g_scan, g_loop)
+
+
 def test_gaussian_head_is_a_diagonal_gaussian():
     head = etarl.GaussianHead(16, 3)
     params, actions = head(torch.randn(5, 16)), torch.randn(5, 3)

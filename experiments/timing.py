@@ -4,7 +4,9 @@
 
 Times one AdamW step of each paper-preset base model (fp32 with TF32 matmuls, then bf16 autocast) and scales it
 to the paper's number of steps. The grid step uses real expert batches built on the device; the ant step uses
-random observations of the right shape (T = 500), which cost the same. Without a GPU it runs small stand-ins.
+random observations of the right shape (T = 500), which cost the same. Then the RG-LRU's two ways of running
+(etarl.linear_loop and etarl.linear_scan, forward and backward at T = 500) over batch x width, and one step of
+the ant-cpu preset's model with each. Without a GPU it runs small stand-ins.
 """
 import json
 import sys
@@ -32,6 +34,46 @@ def seconds_per_call(fn, n: int, device) -> float:
     return (time.time() - start) / n
 
 
+def ant_batch(B: int, T: int, device) -> dict:
+    return {"obs": torch.randn(B, T + 1, envs.ant_obs_dim(), device=device), "actions": torch.randn(B, T, 8, device=device),
+            "mask": torch.ones(B, T, dtype=torch.bool, device=device)}
+
+
+def train_step(model, batch, bf16: bool = False):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.03)
+
+    def step():
+        with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(batch())["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def rglru(device, small: bool) -> dict:
+    """The RG-LRU's loop and scan (forward and backward, T = 500), and a whole ant-cpu step with each."""
+    result, T = {}, 500 if not small else 50
+    for B, W in ((16, 128), (64, 128), (128, 128), (128, 256), (256, 256), (512, 128), (512, 256)) if not small else ((4, 8),):
+        a = torch.rand(B, T, W, device=device).mul(0.1).add(0.9).requires_grad_()
+        b, h0 = torch.randn(B, T, W, device=device).requires_grad_(), torch.zeros(B, W, device=device)
+        loop, scan = (seconds_per_call(lambda: f(a, b, h0).sum().backward(), 3, device)
+                      for f in (etarl.linear_loop, etarl.linear_scan))
+        result[f"rglru {B}x{W} loop/scan"] = loop / scan
+        print(f"RG-LRU batch {B} x width {W}: loop {loop * 1e3:.1f} ms, scan {scan * 1e3:.1f} ms, "
+              f"loop/scan {loop / scan:.2f}", flush=True)
+    cfg = etarl.get_preset("cpu", "ant")
+    model = etarl.build_model(cfg.model if not small else etarl.ModelConfig(d_model=32, n_layers=2, **etarl.ANT), "ant")
+    batch = ant_batch(cfg.pretrain.batch_size, T, device)
+    for scan_max in (0, etarl.RGLRU.scan_max):                    # 0: always the loop
+        etarl.RGLRU.scan_max = scan_max
+        s = seconds_per_call(train_step(model.to(device), lambda: batch), 5, device)
+        result[f"ant-cpu step s ({'loop' if scan_max == 0 else 'as the code chooses'})"] = s
+        print(f"ant-cpu preset, one step at batch {cfg.pretrain.batch_size}: {s:.3f} s "
+              f"({'loop' if scan_max == 0 else 'as the code chooses'})", flush=True)
+    return result
+
+
 def main() -> dict:
     device = etarl.default_device()
     torch.set_float32_matmul_precision("high")
@@ -42,7 +84,6 @@ def main() -> dict:
         model_cfg = preset.model if not small else etarl.ModelConfig(
             d_model=32, n_layers=2, **({} if env == "grid" else etarl.ANT))
         model = etarl.build_model(model_cfg, env).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.03)
         B = preset.pretrain.batch_size if not small else 8
         if env == "grid":
             data, rng = etarl.generate_episodes(4 * B, 0), np.random.default_rng(0)
@@ -50,23 +91,16 @@ def main() -> dict:
             batch = lambda: data.batch(etarl.length_bucketed_batch(by_length, B, rng), device)
             result["grid batch build s"] = seconds_per_call(batch, 10, device)
         else:
-            T = 500 if not small else 50
-            fixed = {"obs": torch.randn(B, T + 1, envs.ant_obs_dim(), device=device),
-                     "actions": torch.randn(B, T, 8, device=device), "mask": torch.ones(B, T, dtype=torch.bool, device=device)}
+            fixed = ant_batch(B, 500 if not small else 50, device)
             batch = lambda: fixed
         for precision in ("fp32", "bf16"):
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and not small):
-                    loss = model.loss(batch())["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            step = train_step(model, batch, bf16=precision == "bf16" and not small)
             s = seconds_per_call(step, 10 if env == "grid" else 3, device)
             result[f"{env} {precision} s/step"] = s
             result[f"{env} {precision} paper pretraining h"] = s * preset.pretrain.steps / 3600
             print(f"{env} {precision} batch {B}: {s:.3f} s/step, the paper's {preset.pretrain.steps:,} steps "
                   f"{s * preset.pretrain.steps / 3600:.1f} h", flush=True)
-    return result
+    return {**result, **rglru(device, small)}
 
 
 if __name__ == "__main__":
