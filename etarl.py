@@ -44,7 +44,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     50 steps at every alpha, z stayed at its zero start and no gradient reached the encoder); the
     hypernetwork's output layer starts with weights of std 0.05, which is NOT a small edit (|U e| / |e|
     about 0.65 at rank 16 on the cpu base model; MetaConfig(zero_init_edit=True) starts from U = 0
-    exactly); gradients are clipped at norm 1.
+    exactly); gradients are clipped at norm 1. Off by default, measured as remedies for the collapse:
+    MetaConfig(per_step_embedding=True), an s_t per step from both directions' GRU states at t, and
+    MetaConfig(free_bits=f), no KL penalty on a code dimension below f nats per step (Kingma et al. 2016).
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
@@ -82,8 +84,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
 16. Hawk (the ant's base model): Griffin's recurrent block (GeLU gate branch times RG-LRU after a causal
     depthwise convolution of width 4, recurrence width = d_model) with RMS norms and a GeLU-gated MLP;
     the RG-LRU runs as a plain loop over time (clear, and the same code for whole sequences and single
-    steps), except on a GPU when batch x width <= 2^16, where a log-depth parallel scan (linear_scan) is
-    up to 8x faster (on the CPU it is 2x slower, and on a GPU it loses at the ant-paper batch of 512 x 256).
+    steps), except on a GPU when batch x width <= 2^16, where a log-depth parallel scan (linear_scan) makes
+    an ant-cpu training step 5x faster (on 2 CPU cores the scan is 3x slower; on a GPU at the ant-paper
+    batch of 512 x 256 a whole step was slower with it and needed 1.6x the memory).
     The Gaussian head clamps log-std to [-5, 2]; the ant's next-observation loss is a unit-variance
     Gaussian (squared error / 2).
 17. Ant data and gate: the pretraining episodes carry Gaussian torque noise (std 0.1, for diversity); the
@@ -207,6 +210,8 @@ class MetaConfig:
     kl_warmup: int = 0          # steps over which alpha ramps up linearly from 0 (0: the paper's plain Eq. 3)
     gumbel_switch: bool = False  # in training, beta is a straight-through Gumbel-sigmoid sample (0 or 1)
     zero_init_edit: bool = False  # start the decoder at U = 0 exactly (see `hypernetwork`)
+    per_step_embedding: bool = False  # s_t per step (both directions' GRU states at t) instead of one s per episode
+    free_bits: float = 0.0      # per code dimension, nats per step: the KL of a dimension is not penalised below it
     switch_temperature: float = 1.0
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
@@ -601,8 +606,9 @@ class RGLRU(nn.Module):
     caches. The recurrence runs as a loop over time, except on a GPU when one step's state is small (at most
     `scan_max` numbers, batch x width): there a loop launches T kernels too small to fill the device, and
     `linear_scan` does the same in log2(T) rounds (the two agree to rounding; a test checks it). Measured on
-    an H200 (T = 500, one AdamW step): 5.4x faster at the ant-cpu preset's 16 x 128, 1.5x slower at the
-    ant-paper preset's 512 x 256, where the loop's steps are big enough and the scan moves log2(T) times the data.
+    an H200 (T = 500, one AdamW step of the whole model): 5x faster at the ant-cpu preset's 16 x 128, 1.5x
+    slower at the ant-paper preset's 512 x 256, where the loop's steps fill the GPU and the scan moves log2(T)
+    times the data (`python experiments/timing.py`; README, "On a GPU").
     """
     c = 8.0
     scan_max = 2 ** 16
@@ -634,8 +640,8 @@ def linear_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """The states of `linear_loop` in ceil(log2 T) parallel rounds (Hillis and Steele): after the round with
-    offset k, b_t holds the recurrence run from step t - 2k + 1 with a zero state, and a_t the product of the
-    a's over those steps. Products of gates <= 1 only shrink, so this is as stable as the loop."""
+    offset k, b_t holds the recurrence run from step t - 2k + 1 with a zero state (from step 0 and h0 when
+    t < 2k), and a_t the product of the a's over those steps. Products of gates <= 1 only shrink, so this is as stable as the loop."""
     b = torch.cat([a[:, :1] * h0[:, None] + b[:, :1], b[:, 1:]], 1)   # fold the initial state into step 0
     k = 1
     while k < b.shape[1]:
@@ -1212,10 +1218,15 @@ class Metacontroller(nn.Module):
         self.hyper = hypernetwork(cfg.n_z, cfg.hyp_hidden, d_model, cfg.rank, cfg.zero_init_edit)
 
     def sequence_embedding(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """s (B, n_s) from the whole valid part of each sequence, read in both directions (Eq. 13)."""
+        """s (B, T, n_s) from the whole valid part of each sequence, read in both directions (Eq. 13): the same
+        s at every step from the two ends, or with cfg.per_step_embedding an s_t from both directions' states at
+        t (the backward one has read steps t .. T)."""
         packed = nn.utils.rnn.pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, last = self.embed(packed)                                  # (2, B, n_s): forward end, backward end
-        return self.embed_out(torch.cat([last[0], last[1]], -1))     # (B, n_s)
+        states, last = self.embed(packed)                             # last (2, B, n_s): forward end, backward end
+        if self.cfg.per_step_embedding:
+            states, _ = nn.utils.rnn.pad_packed_sequence(states, batch_first=True, total_length=e.shape[1])
+            return self.embed_out(states)                             # (B, T, n_s)
+        return self.embed_out(torch.cat([last[0], last[1]], -1))[:, None].expand(-1, e.shape[1], -1)
 
     def decode(self, z: torch.Tensor) -> Control:
         """Eq. (18): U = f_hyp(z), as a Control at this metacontroller's layer; z (..., n_z)."""
@@ -1237,7 +1248,7 @@ class Metacontroller(nn.Module):
         B, T, D = e.shape
         h, _ = self.history(e)                                        # h_1 .. h_T: (B, T, n_h)
         h_prev = F.pad(h, (0, 0, 1, 0))[:, :-1]                       # h_0 = 0 .. h_T-1
-        s = self.sequence_embedding(e, lengths)[:, None].expand(B, T, -1)
+        s = self.sequence_embedding(e, lengths)
         mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
         z_tilde = mu + (logvar / 2).exp() * torch.randn_like(mu) if sample else mu    # Eq. (15)
         z, zs, betas = torch.zeros(B, self.cfg.n_z, device=e.device), [], []
@@ -1274,10 +1285,11 @@ def meta_loss(model: BaseModel, meta: Metacontroller, batch: dict, alpha: float,
     control = MetaControl(meta, batch["mask"].sum(1), sample)
     out = model.loss(batch, control, obs_loss=meta.cfg.co_train)
     mu, logvar = control.out["mu"], control.out["logvar"]
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)        # (B, T)
-    kl = (kl * m).sum() / m.sum()
-    return {"loss": out["action_nll"] + model.cfg.obs_weight * out["obs_nll"] + alpha * kl,
-            "action_nll": out["action_nll"], "kl": kl, **control.out}
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)                # (B, T, n_z)
+    kl = (kl * m[..., None]).sum((0, 1)) / m.sum()                     # (n_z,) mean over valid steps
+    penalty = kl.clamp(min=meta.cfg.free_bits).sum()                   # free bits: no pressure below the floor
+    return {"loss": out["action_nll"] + model.cfg.obs_weight * out["obs_nll"] + alpha * penalty,
+            "action_nll": out["action_nll"], "kl": kl.sum(), **control.out}
 
 
 def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed: int = 0,

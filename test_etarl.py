@@ -549,6 +549,37 @@ def test_metacontroller_loss_ignores_padding(data):
     torch.testing.assert_close(a["kl"], b["kl"])
 
 
+def test_per_step_embedding_reads_the_future_and_ignores_padding():
+    """MetaConfig(per_step_embedding=True): s_t changes when a later step changes, not when padding does; the
+    default s is one vector for the whole episode."""
+    torch.manual_seed(0)
+    e, lengths = torch.randn(3, 7, 32), torch.tensor([7, 4, 2])
+    later, padding = e.clone(), e.clone()
+    later[0, 6] += 1.0
+    padding[1, 4:] = 99.0
+    meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, per_step_embedding=True))
+    s = meta.sequence_embedding(e, lengths)
+    assert s.shape == (3, 7, meta.cfg.n_s)
+    assert not torch.allclose(s[0, 0], meta.sequence_embedding(later, lengths)[0, 0])
+    torch.testing.assert_close(s[1, :4], meta.sequence_embedding(padding, lengths)[1, :4])
+    whole = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4)).sequence_embedding(e, lengths)
+    torch.testing.assert_close(whole, whole[:, :1].expand_as(whole))
+
+
+def test_free_bits_stop_penalising_the_kl_below_the_floor(data):
+    """MetaConfig(free_bits=f): each code dimension's KL (mean over valid steps) costs max(KL, f), so with a floor
+    above every dimension's KL the penalty is the constant n_z f and the encoder's mean gets no KL gradient."""
+    model, batch = etarl.freeze(_model()), data[0].batch(np.arange(8), "cpu")
+    plain, floored = _meta(model), _meta(model, free_bits=100.0)
+    a = etarl.meta_loss(model, plain, batch, alpha=0.5, sample=False)
+    b = etarl.meta_loss(model, floored, batch, alpha=0.5, sample=False)
+    torch.testing.assert_close(a["loss"], a["action_nll"] + 0.5 * a["kl"])
+    torch.testing.assert_close(b["kl"], a["kl"])
+    torch.testing.assert_close(b["loss"], b["action_nll"] + 0.5 * 100.0 * plain.cfg.n_z)
+    kl_grad = lambda out, meta: torch.autograd.grad(out["loss"] - out["action_nll"], meta.encoder[0].weight)[0]
+    assert kl_grad(a, plain).abs().max() > 0 and kl_grad(b, floored).abs().max() == 0
+
+
 def test_zero_decoder_leaves_the_base_model_unchanged(data):
     """With f_hyp's output layer at zero (U = 0), the controlled model is exactly the base model."""
     model, batch = _model(), data[0].batch(np.arange(4), "cpu")
