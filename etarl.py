@@ -607,7 +607,7 @@ class RGLRU(nn.Module):
     `scan_max` numbers, batch x width): there a loop launches T kernels too small to fill the device, and
     `linear_scan` does the same in log2(T) rounds (the two agree to rounding; a test checks it). Measured on
     an H200 (T = 500, one AdamW step of the whole model): 5x faster at the ant-cpu preset's 16 x 128, 1.5x
-    slower at the ant-paper preset's 512 x 256, where the loop's steps fill the GPU and the scan moves log2(T)
+    slower (one measurement) at the ant-paper preset's 512 x 256, where the loop's steps fill the GPU and the scan moves log2(T)
     times the data (`python experiments/timing.py`; README, "On a GPU").
     """
     c = 8.0
