@@ -785,6 +785,12 @@ class BaseModel(nn.Module):
     def new_cache(self) -> dict:
         return {"t": 0, **{l: {} for l in range(len(self.blocks))}}
 
+    def keep_episodes(self, cache: dict, keep: torch.Tensor) -> None:
+        """Cut a step-by-step cache to the episodes `keep` (indices into its batch), for example the ones still
+        running. Every cached tensor has the batch first, except the attention's key positions ("pos")."""
+        for l in range(len(self.blocks)):
+            cache[l] = {k: v if k == "pos" else v[keep] for k, v in cache[l].items()}
+
     @torch.no_grad()
     def step(self, obs, cache: dict, control=None) -> dict:
         """One time step for a batch of running episodes: obs (B, O) -> logits (B, A)."""
@@ -1104,7 +1110,8 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
     (n, T, ...), their log-probabilities under the acting model (n, T), agent cells (n, T+1), the ant's torso
     x, y (n, T+1, 2) and the layouts come back too. max_steps overrides the world's episode limit T (100 grid,
     500 ant). Steps after an episode's end (t >= length) are padding: the model keeps acting there and the
-    environment ignores it.
+    environment ignores it. Without control and recording, ended episodes leave the batch instead (the model's
+    own success on a long task is mostly short failures, and a batch otherwise runs as long as its longest).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -1114,9 +1121,18 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
     cache, reward = model.new_cache(), np.zeros(n)
     where = ("agent", "xy") if model.env == "ant" else ("agent",)     # the ant's position is continuous too
     trace = {"obs": [obs], "actions": [], "logp": [], **{k: [getattr(env, k).copy()] for k in where}}
+    rows = np.arange(n)                   # the episodes in the cache: without control, ended ones are dropped
     while not env.done.all():
         control = control_fn(env) if control_fn is not None else None
-        logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
+        if control_fn is None and not record:
+            live = np.flatnonzero(~env.done)
+            if len(live) <= 0.75 * len(rows):                         # cut the cache when a quarter has ended
+                model.keep_episodes(cache, torch.as_tensor(np.searchsorted(rows, live), device=device))
+                rows = live
+            part = model.step(torch.as_tensor(obs[rows], device=device), cache)["logits"]
+            logits = part.new_zeros((n,) + part.shape[1:]).index_copy_(0, torch.as_tensor(rows, device=device), part)
+        else:
+            logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
         a = model.action_head.mode(logits) if greedy else model.action_head.sample(logits, gen)
         obs, r, *_ = env.step(a.cpu().numpy())
         reward += r

@@ -447,6 +447,19 @@ def test_rollout_replays_the_recorded_episode(data):
     np.testing.assert_array_equal(logits.argmax(-1).numpy()[live], out["actions"][live])
 
 
+@pytest.mark.parametrize("world", ["grid", "ant"])
+def test_rollout_that_drops_ended_episodes_gives_the_same_episodes(world):
+    """Without control and recording, rollout cuts ended episodes out of its cache; greedy episodes are the ones the
+    full batch (record=True keeps every episode in it) plays: the same lengths, progress and successes."""
+    model = _model() if world == "grid" else _ant_model()
+    n, task, T = (64, "0-1-2-3", None) if world == "grid" else (6, "0-1", 200)
+    cut = etarl.rollout(model, task, n=n, seed=5, greedy=True, max_steps=T)
+    full = etarl.rollout(model, task, n=n, seed=5, greedy=True, record=True, max_steps=T)
+    assert len(set(full["length"].tolist())) > 1                     # episodes did end at different steps
+    for k in ("length", "progress", "success"):
+        np.testing.assert_array_equal(cut[k], full[k])
+
+
 def test_quality_gate_refuses_a_bad_model():
     """Later stages refuse a base model that fails the gate, with a message naming the gate."""
     with pytest.raises(RuntimeError, match="quality gate"):
