@@ -85,7 +85,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     depthwise convolution of width 4, recurrence width = d_model) with RMS norms and a GeLU-gated MLP;
     the RG-LRU runs as a plain loop over time (clear, and the same code for whole sequences and single
     steps), except on a GPU when batch x width <= 2^16, where a log-depth parallel scan (linear_scan) makes
-    an ant-cpu training step 5x faster (on 2 CPU cores the scan is 3x slower; on a GPU at the ant-paper
+    an ant-cpu training step 5x faster (on 2 CPU cores the scan is 2-3x slower; on a GPU at the ant-paper
     batch of 512 x 256 a whole step was slower with it and needed 1.6x the memory).
     The Gaussian head clamps log-std to [-5, 2]; the ant's next-observation loss is a unit-variance
     Gaussian (squared error / 2).
@@ -607,8 +607,8 @@ class RGLRU(nn.Module):
     `scan_max` numbers, batch x width): there a loop launches T kernels too small to fill the device, and
     `linear_scan` does the same in log2(T) rounds (the two agree to rounding; a test checks it). Measured on
     an H200 (T = 500, one AdamW step of the whole model): 5x faster at the ant-cpu preset's 16 x 128, 1.5x
-    slower (one measurement) at the ant-paper preset's 512 x 256, where the loop's steps fill the GPU and the scan moves log2(T)
-    times the data (`python experiments/timing.py`; README, "On a GPU").
+    slower (one measurement) at the ant-paper preset's 512 x 256, where the loop's steps fill the GPU and the
+    scan moves log2(T) times the data (`python experiments/timing.py`; README, "On a GPU").
     """
     c = 8.0
     scan_max = 2 ** 16
@@ -641,7 +641,8 @@ def linear_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """The states of `linear_loop` in ceil(log2 T) parallel rounds (Hillis and Steele): after the round with
     offset k, b_t holds the recurrence run from step t - 2k + 1 with a zero state (from step 0 and h0 when
-    t < 2k), and a_t the product of the a's over those steps. Products of gates <= 1 only shrink, so this is as stable as the loop."""
+    t < 2k), and a_t the product of the a's over those steps. Products of gates <= 1 only shrink, so this is
+    as stable as the loop."""
     b = torch.cat([a[:, :1] * h0[:, None] + b[:, :1], b[:, 1:]], 1)   # fold the initial state into step 0
     k = 1
     while k < b.shape[1]:

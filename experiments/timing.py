@@ -36,8 +36,8 @@ def seconds_per_call(fn, n: int, device) -> float:
 
 
 def ant_batch(B: int, T: int, device) -> dict:
-    return {"obs": torch.randn(B, T + 1, envs.ant_obs_dim(), device=device), "actions": torch.randn(B, T, 8, device=device),
-            "mask": torch.ones(B, T, dtype=torch.bool, device=device)}
+    return {"obs": torch.randn(B, T + 1, envs.ant_obs_dim(), device=device),
+            "actions": torch.randn(B, T, 8, device=device), "mask": torch.ones(B, T, dtype=torch.bool, device=device)}
 
 
 def train_step(model, batch, bf16: bool = False):
@@ -55,7 +55,8 @@ def train_step(model, batch, bf16: bool = False):
 def rglru(device, small: bool) -> dict:
     """The RG-LRU's loop and scan (forward and backward, T = 500), and a whole ant-cpu step with each."""
     result, T = {}, 500
-    for B, W in ((16, 128), (64, 128), (128, 128), (128, 256), (256, 256), (512, 128), (512, 256)) if not small else ((16, 128),):
+    sizes = ((16, 128), (64, 128), (128, 128), (128, 256), (256, 256), (512, 128), (512, 256))
+    for B, W in sizes if not small else sizes[:1]:
         a = torch.rand(B, T, W, device=device).mul(0.1).add(0.9).requires_grad_()
         b, h0 = torch.randn(B, T, W, device=device).requires_grad_(), torch.zeros(B, W, device=device)
         loop, scan = (seconds_per_call(lambda: f(a, b, h0).sum().backward(), 3, device)
@@ -71,9 +72,9 @@ def rglru(device, small: bool) -> dict:
         for scan_max in (0, default):                              # 0: always the loop
             etarl.RGLRU.scan_max = scan_max
             s = seconds_per_call(train_step(model.to(device), lambda: batch), 5 if not small else 1, device)
-            result[f"ant-cpu step s ({'loop' if scan_max == 0 else 'as the code chooses'})"] = s
-            print(f"ant-cpu preset, one step at batch {cfg.pretrain.batch_size}: {s:.3f} s "
-                  f"({'loop' if scan_max == 0 else 'as the code chooses'})", flush=True)
+            how = "loop" if scan_max == 0 else "as the code chooses"
+            result[f"ant-cpu step s ({how})"] = s
+            print(f"ant-cpu preset, one step at batch {cfg.pretrain.batch_size}: {s:.3f} s ({how})", flush=True)
     finally:
         etarl.RGLRU.scan_max = default
     return result
