@@ -856,6 +856,13 @@ class Control:
         mix = self.mix if self.mix is None or self.mix.dim() < 2 else self.mix[:, None]
         return Control(self.layer, add_t(self.A), add_t(self.B), add_t(self.U), mix, self.bank, self.bias)
 
+    def rows(self, index: torch.Tensor) -> "Control":
+        """The control of some of the batch's episodes: tensors with both leading (B, T) dims are indexed on B,
+        shared ones (without them, and the bank and bias) stay."""
+        pick = lambda x, dims: x[index] if x is not None and x.dim() == dims else x
+        return Control(self.layer, pick(self.A, 4), pick(self.B, 4), pick(self.U, 4), pick(self.mix, 3),
+                       self.bank, self.bias)
+
 
 # ==================================================================================================
 # 5. Pretraining (Eq. 5) and the quality gate
@@ -1101,18 +1108,23 @@ VECTOR_ENVS = {"grid": envs.GridPinpadVec, "ant": envs.AntPinpadVec}
 
 @torch.no_grad()
 def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: bool = False,
-            record: bool = False, max_steps: int | None = None) -> dict:
+            record: bool = False, max_steps: int | None = None, drop_ended: bool = True) -> dict:
     """Run the (controlled) base model in n episodes of the real environment at once.
 
-    control_fn(env) -> Control or None is asked before each step (it may read env.subgoal: that is
-    how the supervised controllers are switched; the metacontroller will decide by itself).
+    control_fn(env) -> None, a Control over all n episodes, or a hook is asked before each step (it may read
+    env.subgoal: that is how the supervised controllers are switched; the metacontroller will decide by itself).
     The world is the model's (model.env). Key/value caching (or the SSM's state) makes each step cost O(t) or
     O(1) instead of re-running the whole history. With record=True the observations (n, T+1, O), actions
     (n, T, ...), their log-probabilities under the acting model (n, T), agent cells (n, T+1), the ant's torso
     x, y (n, T+1, 2) and the layouts come back too. max_steps overrides the world's episode limit T (100 grid,
-    500 ant). Steps after an episode's end (t >= length) are padding: the model keeps acting there and the
-    environment ignores it. Without control and recording, ended episodes leave the batch instead (the model's
-    own success on a long task is mostly short failures, and a batch otherwise runs as long as its longest).
+    500 ant). Steps after an episode's end (t >= length) are padding, which the environment ignores.
+
+    Ended episodes leave the batch (drop_ended), since a batch otherwise runs as long as its longest episode
+    (the model's own episodes on a long task are mostly short failures): the cache keeps the running ones
+    (BaseModel.keep_episodes), a Control keeps their rows (Control.rows), and a hook with per-episode state
+    is told which ones to keep (hook.keep_episodes(index), index into its current batch); a hook without that
+    method keeps every episode to the end. Padding steps of dropped episodes act on zero logits, and nothing
+    that draws random numbers sees fewer rows, so the episodes are the same either way (test).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -1122,18 +1134,25 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
     cache, reward = model.new_cache(), np.zeros(n)
     where = ("agent", "xy") if model.env == "ant" else ("agent",)     # the ant's position is continuous too
     trace = {"obs": [obs], "actions": [], "logp": [], **{k: [getattr(env, k).copy()] for k in where}}
-    rows = np.arange(n)                   # the episodes in the cache: without control, ended ones are dropped
+    rows = np.arange(n)                                               # the episodes in the batch
     while not env.done.all():
         control = control_fn(env) if control_fn is not None else None
-        if control_fn is None and not record:
-            live = np.flatnonzero(~env.done)
-            if len(live) <= 0.75 * len(rows):                         # cut the cache when a quarter has ended
-                model.keep_episodes(cache, torch.as_tensor(np.searchsorted(rows, live), device=device))
-                rows = live
-            part = model.step(torch.as_tensor(obs[rows], device=device), cache)["logits"]
-            logits = part.new_zeros((n,) + part.shape[1:]).index_copy_(0, torch.as_tensor(rows, device=device), part)
-        else:
+        hook = control is not None and not isinstance(control, Control)
+        live = np.flatnonzero(~env.done)
+        if (drop_ended and len(live) <= 0.75 * len(rows)                 # cut when a quarter has ended
+                and (not hook or hasattr(control, "keep_episodes"))):
+            keep = torch.as_tensor(np.searchsorted(rows, live), device=device)
+            model.keep_episodes(cache, keep)
+            if hook:
+                control.keep_episodes(keep)
+            rows = live
+        if len(rows) == n:
             logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
+        else:
+            index = torch.as_tensor(rows, device=device)
+            part = model.step(torch.as_tensor(obs[rows], device=device), cache,
+                              control.rows(index) if isinstance(control, Control) else control)["logits"]
+            logits = part.new_zeros((n,) + part.shape[1:]).index_copy_(0, index, part)
         a = model.action_head.mode(logits) if greedy else model.action_head.sample(logits, gen)
         obs, r, *_ = env.step(a.cpu().numpy())
         reward += r
@@ -1697,6 +1716,7 @@ class InternalAgent:
         self.layer, self.meta, self.policy, self.gen = meta.layer, meta, policy, generator
         device = next(policy.parameters()).device
         self.gate_state, self.state, self.obs = None, None, None      # switching unit's and policy's states
+        self.n, self.rows = n, torch.arange(n, device=device)          # the episodes still in the batch
         self.z = torch.zeros(n, meta.cfg.n_z, device=device)
         self.trace = {"e": [], "fire": [], "z": [], "logp": []}
 
@@ -1706,20 +1726,26 @@ class InternalAgent:
         self.obs = torch.as_tensor(env.observation, device=self.z.device)
         return self
 
+    def keep_episodes(self, keep: torch.Tensor) -> None:
+        """rollout drops ended episodes: keep the per-episode states of `keep` (indices into the batch)."""
+        self.rows, self.z = self.rows[keep], self.z[keep]
+        self.gate_state, self.state = (None if s is None else s[:, keep] for s in (self.gate_state, self.state))
+
     @torch.no_grad()
     def __call__(self, e: torch.Tensor) -> torch.Tensor:
-        """e (n, 1, D) -> U_t e_t (n, 1, D)."""
-        fire, self.gate_state = self.meta.gate_step(self.gate_state, e[:, 0], self.obs, self.z)
+        """e (rows, 1, D) -> U_t e_t (rows, 1, D), for the episodes still in the batch."""
+        fire, self.gate_state = self.meta.gate_step(self.gate_state, e[:, 0], self.obs[self.rows], self.z)
         mean, self.state = self.policy(e, self.state)
         mean = mean[:, 0]
-        sample = mean + self.policy.log_std.exp() * torch.randn(mean.shape, generator=self.gen, device=e.device)
-        self.z = torch.where(fire[:, None], sample, self.z)
+        noise = torch.randn((self.n,) + mean.shape[1:], generator=self.gen, device=e.device)[self.rows]
+        self.z = torch.where(fire[:, None], mean + self.policy.log_std.exp() * noise, self.z)
         for k, v in (("e", e[:, 0]), ("fire", fire), ("z", self.z), ("logp", self.policy.log_prob(mean, self.z))):
-            self.trace[k].append(v)
+            self.trace[k].append(v.new_zeros((self.n,) + v.shape[1:]).index_copy_(0, self.rows, v))
         return self.meta.decode(self.z[:, None])(e)
 
     def record(self) -> dict:
-        return {k: torch.stack(v, 1) for k, v in self.trace.items()}    # (n, T, ...)
+        """Every step of every episode (n, T, ...); zeros (fire False) after an episode left the batch."""
+        return {k: torch.stack(v, 1) for k, v in self.trace.items()}
 
 
 class InternalRL:
