@@ -4,8 +4,12 @@ Two commands, both printing one line per measurement and writing a JSON file:
 
   python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
       on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised
-      controllers with another layer, rank, learning rate or loss mask (all steps, only t = 0, only
-      steps heading for the first colour of a pair). 4-8 minutes on 2 cores.
+      controllers with another layer, rank, learning rate or loss (all steps, only t = 0, only steps
+      heading for the first colour of a pair, or `set`: -ln of the probability on the shortest-path
+      moves, which also scores the steps after a random action). With --eps or --orders they train on
+      200k fresh expert episodes instead: with random actions at rate eps (then use --loss-on set), or
+      in every order of three pairs (--orders all: 36 orders, the 16 pretraining tasks among them, so
+      the transitions of the post-training task are seen). 4-9 minutes on 2 cores.
 
   python experiments/controllers.py scale --d-model 256 --layers 6 --batch 512 --lr 1e-3 --budget 180
       on a GPU: a fresh base model of another shape trained for a time budget on 1M expert episodes
@@ -20,6 +24,7 @@ the controlled model's action probability on shortest-path moves on held-out exp
 since that pair began), and on the rest.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -62,8 +67,17 @@ def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
     return out
 
 
+def every_order(n: int, seed: int, eps: float) -> etarl.Episodes:
+    """n expert episodes spread over every order of three pairs without a pair twice in a row (36 tasks)."""
+    orders = [o for o in itertools.product(range(4), repeat=3) if o[0] != o[1] and o[1] != o[2]]
+    return concatenate([etarl.generate_episodes(n // len(orders), seed + 10**6 * i, eps=eps,
+                                                task=[c for pair in o for c in (2 * pair, 2 * pair + 1)])
+                        for i, o in enumerate(orders)])
+
+
 def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.SubgoalControllers:
-    """etarl.train_controllers with the action NLL restricted to some steps (`loss_on`: all, t0, first)."""
+    """etarl.train_controllers with the action NLL restricted to some steps (`loss_on`: all, t0, first), or
+    with the loss -ln p(shortest-path moves) on every step (`set`)."""
     if loss_on == "all":
         return etarl.train_controllers(model, data, layer, etarl.ControlConfig(rank=rank, lr=lr, steps=steps), seed,
                                        progress=False)[0]
@@ -75,8 +89,12 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.
     by_length = np.argsort(data.lengths, kind="stable")
     for _ in range(steps):
         b = data.batch(etarl.length_bucketed_batch(by_length, 128, rng), device)
-        logp = model.action_head.log_prob(model(b["obs"][:, :-1], ctrl(b["subgoal"]))["logits"], b["actions"].clamp(min=0))
-        if loss_on == "first":
+        logits = model(b["obs"][:, :-1], ctrl(b["subgoal"]))["logits"]
+        logp = model.action_head.log_prob(logits, b["actions"].clamp(min=0))
+        if loss_on == "set":
+            m = b["mask"] & b["optimal"].any(-1)
+            logp = torch.logsumexp(logits.log_softmax(-1).masked_fill(~b["optimal"], -1e9), -1)   # finite: no NaN * 0
+        elif loss_on == "first":
             m = b["mask"] & (b["target"] % 2 == 0)
         else:                                                    # t0: only the first step of each episode
             m = torch.zeros_like(b["mask"])
@@ -92,6 +110,10 @@ def variants(args) -> dict:
     run = etarl.Run("cpu", progress=False)
     model = etarl.freeze(run.base_model()[0])
     train, test = run.data()
+    if args.orders == "all":
+        train = every_order(200_000, 10**8, args.eps)
+    elif args.eps > 0:
+        train = etarl.generate_episodes(200_000, 10**8, eps=args.eps)
     t0 = time.time()
     ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on)
     return {"train_s": time.time() - t0, "base": shortest_path_mass(model, test), **evaluate(model, ctrl, test, 300)}
@@ -172,7 +194,10 @@ if __name__ == "__main__":
     v.add_argument("--rank", type=int, default=16, help="0: full rank")
     v.add_argument("--lr", type=float, default=1e-2)
     v.add_argument("--steps", type=int, default=600)
-    v.add_argument("--loss-on", choices=("all", "t0", "first"), default="all")
+    v.add_argument("--loss-on", choices=("all", "t0", "first", "set"), default="all")
+    v.add_argument("--eps", type=float, default=0.0, help="train on fresh expert data with random actions at this rate")
+    v.add_argument("--orders", choices=("pretraining", "all"), default="pretraining",
+                   help="train on fresh expert data in every order of three pairs")
     s = sub.add_parser("scale")
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--layers", type=int, default=6)

@@ -1,6 +1,7 @@
 """Seconds per pretraining step of the paper presets (grid transformer, ant Hawk SSM) on this machine's device.
 
   python experiments/timing.py            # on a GPU: the paper's shapes and batch sizes (1024 grid, 512 ant)
+  python experiments/timing.py rollouts   # in the folder of `python etarl.py`: rollouts with and without the cut
 
 Times one AdamW step of each paper-preset base model (fp32 with TF32 matmuls, then bf16 autocast) and scales it
 to the paper's number of steps. The grid step uses real expert batches built on the device; the ant step uses
@@ -8,6 +9,12 @@ random observations of the right shape (T = 500), which cost the same. Then the 
 (etarl.linear_loop and etarl.linear_scan, forward and backward at T = 500) over batch x width, and one step of
 the ant-cpu preset's model with each (the code picks the loop on a CPU). Without a GPU it runs small stand-ins
 for the paper presets and times the RG-LRU at batch 16 x width 128 only.
+
+`rollouts` times etarl.rollout on the cpu run's base model (runs/grid-cpu-s0) on the post-training task, with
+ended episodes dropped from the batch (the default) and kept (drop_ended=False): 2,000 uncontrolled episodes (one
+chunk of the pipeline's estimate of the base model's success), 500 with supervised controllers (the controller
+sweep's evaluation; controllers trained for 50 steps, which is enough to steer) and 256 under internal RL's hook
+(one RL batch, with the run's metacontroller and an untrained policy). Best of three calls each.
 """
 import json
 import sys
@@ -109,5 +116,32 @@ def main() -> dict:
     return {**result, **rglru(device, small)}
 
 
+def rollouts() -> dict:
+    run = etarl.Run("cpu", progress=False)
+    model, train = etarl.freeze(run.base_model()[0]), run.data()[0]
+    ctrl, _ = etarl.train_controllers(model, train, 2, etarl.ControlConfig(steps=50), 0, progress=False)
+    learner = etarl.InternalRL(model, run.metacontroller()[0], run.cfg.rl.hidden)
+    task, result = envs.parse_task(run.cfg.rl.task), {}
+
+    def internal(n):
+        agent = etarl.InternalAgent(learner.meta, learner.policy, n, torch.Generator().manual_seed(0))
+        return agent.at
+    for name, n, control in (("uncontrolled", 2000, lambda n: None), ("controllers", 500,
+                             lambda n: etarl.subgoal_control_fn(ctrl)), ("internal RL", 256, internal)):
+        for drop in (False, True):
+            times = []
+            for _ in range(3):
+                start = time.time()
+                out = etarl.rollout(model, task, n, 1, control(n), drop_ended=drop)
+                times.append(time.time() - start)
+            result[f"{name} {n} episodes, {'drop' if drop else 'keep'} ended s"] = min(times)
+        print(f"{name}, {n} episodes (mean length {out['length'].mean():.1f}, longest {out['length'].max()}): "
+              f"{result[f'{name} {n} episodes, keep ended s']:.2f} s keeping ended episodes, "
+              f"{result[f'{name} {n} episodes, drop ended s']:.2f} s dropping them", flush=True)
+    return result
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=1))
+    if sys.argv[1:] not in ([], ["rollouts"]):
+        sys.exit("usage: python experiments/timing.py [rollouts]")
+    print(json.dumps(rollouts() if sys.argv[1:] == ["rollouts"] else main(), indent=1))
