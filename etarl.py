@@ -53,6 +53,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     on the code at the end of each switch-delimited segment, scored against the segment's majority
     subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
  9. Supervised controllers train with lr 1e-2 (paper 1e-3): at our 600 steps it fits and steers better.
+    They train on the expert data, as the paper's; experiments/controllers.py also tries noisy and
+    every-order data with a shortest-path loss, which is not the paper's recipe (README).
 10. Post-training task and T: with T = 100, about 0.4% of layouts need more than 100 steps for the
     12-colour post-training task even for the expert (expert success 0.996 over 100k episodes).
 11. Internal RL: the causal policy is one GRU layer (width 64 at the cpu preset) with a Gaussian head whose
