@@ -859,8 +859,8 @@ class Control:
         return Control(self.layer, add_t(self.A), add_t(self.B), add_t(self.U), mix, self.bank, self.bias)
 
     def rows(self, index: torch.Tensor) -> "Control":
-        """The control of some of the batch's episodes: tensors with both leading (B, T) dims are indexed on B,
-        shared ones (without them, and the bank and bias) stay."""
+        """The control of some of the batch's episodes, for a control in step view (or per token): tensors with both
+        leading (B, T) dims are indexed on B; shared ones (without them, and the bank and bias) stay."""
         pick = lambda x, dims: x[index] if x is not None and x.dim() == dims else x
         return Control(self.layer, pick(self.A, 4), pick(self.B, 4), pick(self.U, 4), pick(self.mix, 3),
                        self.bank, self.bias)
@@ -1126,7 +1126,8 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
     (BaseModel.keep_episodes), a Control keeps their rows (Control.rows), and a hook with per-episode state
     is told which ones to keep (hook.keep_episodes(index), index into its current batch); a hook without that
     method keeps every episode to the end. Padding steps of dropped episodes act on zero logits, and nothing
-    that draws random numbers sees fewer rows, so the episodes are the same either way (test).
+    that draws random numbers sees fewer rows, so the episodes are the same either way (test), up to the float
+    rounding of smaller matmuls, which the ant's physics can grow into different episodes.
     """
     model.eval()
     device = next(model.parameters()).device

@@ -447,24 +447,37 @@ def test_rollout_replays_the_recorded_episode(data):
     np.testing.assert_array_equal(logits.argmax(-1).numpy()[live], out["actions"][live])
 
 
-@pytest.mark.parametrize("control", [None, "subgoal", "internal"])
-def test_rollout_that_drops_ended_episodes_plays_the_same_episodes(control):
+@pytest.mark.parametrize("control", [None, "subgoal", "subgoal full rank", "internal", "compile"])
+def test_rollout_that_drops_ended_episodes_plays_the_same_episodes(control, data):
     """rollout cuts ended episodes out of its batch. Sampled grid episodes (so the random streams must line up too)
-    are the ones the full batch plays, action for action, without control, with the supervised controllers
-    switched by subgoal, and under internal RL's hook, whose record agrees on every step before each end."""
+    are the ones the full batch plays, action for action: without control, with the supervised controllers switched
+    by subgoal (low rank, and full rank, a per-episode mixture), and under internal RL's hook over the
+    metacontroller's gate and over CompILE's (which reads the observations), whose records agree on every step
+    before each end."""
     learner, n = _internal(), 64
-    ctrl = etarl.SubgoalControllers(4, 32, layer=1, rank=4)
+    if control == "compile":
+        torch.manual_seed(0)
+        cpl = _compile(learner.model).eval()
+        with torch.no_grad():                                        # a gate that fires about half the time,
+            cpl.boundary.weight.mul_(30)                             # by what it reads
+            hazard = cpl.boundary(cpl.boundary_rnn(cpl.embed(data[0].batch(np.arange(64), "cpu")["obs"]))[0])
+            cpl.boundary.bias -= hazard.median()
+        learner = etarl.InternalRL(learner.model, cpl, hidden=16)
+    with torch.no_grad():
+        learner.policy.mean.weight.normal_(0, 0.3)                   # the policy's state matters to its codes
+    ctrl = etarl.SubgoalControllers(4, 32, layer=1, rank=0 if control == "subgoal full rank" else 4)
     with torch.no_grad():
         for p in ctrl.parameters():
             p.normal_(0, 0.3)                                        # an edit with a visible effect
     runs, records = [], []
     for drop in (True, False):
         agent = etarl.InternalAgent(learner.meta, learner.policy, n, torch.Generator().manual_seed(0))
-        fn = {None: None, "subgoal": etarl.subgoal_control_fn(ctrl), "internal": agent.at}[control]
+        fn = None if control is None else agent.at if control in ("internal", "compile") else \
+            etarl.subgoal_control_fn(ctrl)
         runs.append(etarl.rollout(learner.model, "0-1-2-3", n, seed=5, control_fn=fn, record=True, drop_ended=drop))
-        records.append(agent.record() if control == "internal" else {})
+        records.append(agent.record() if fn == agent.at else {})
     cut, full = runs
-    assert len(set(full["length"].tolist())) > 1                     # episodes did end at different steps
+    assert (full["length"] < full["length"].max()).mean() >= 0.25   # so the batch was cut at least once
     for k in ("length", "progress", "success"):
         np.testing.assert_array_equal(cut[k], full[k])
     live = np.arange(full["actions"].shape[1]) < full["length"][:, None]
@@ -472,6 +485,8 @@ def test_rollout_that_drops_ended_episodes_plays_the_same_episodes(control):
     np.testing.assert_allclose(cut["logp"][live], full["logp"][live], rtol=0, atol=1e-5)
     for k in records[0]:
         torch.testing.assert_close(records[0][k][torch.as_tensor(live)], records[1][k][torch.as_tensor(live)])
+    if records[0]:
+        assert 0.1 < records[0]["fire"][:, 1:][torch.as_tensor(live[:, 1:])].float().mean() < 0.9
 
 
 def test_ant_rollout_that_drops_ended_episodes_plays_the_same_episodes():

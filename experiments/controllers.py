@@ -68,7 +68,7 @@ def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
 
 
 def every_order(n: int, seed: int, eps: float) -> etarl.Episodes:
-    """n expert episodes spread over every order of three pairs without a pair twice in a row (36 tasks)."""
+    """Expert episodes in every order of three pairs without a pair twice in a row (36 tasks), n // 36 each."""
     orders = [o for o in itertools.product(range(4), repeat=3) if o[0] != o[1] and o[1] != o[2]]
     return concatenate([etarl.generate_episodes(n // len(orders), seed + 10**6 * i, eps=eps,
                                                 task=[c for pair in o for c in (2 * pair, 2 * pair + 1)])
