@@ -1149,13 +1149,10 @@ def rollout(model: BaseModel, task, n: int, seed: int, control_fn=None, greedy: 
             if hook:
                 control.keep_episodes(keep)
             rows = live
-        if len(rows) == n:
-            logits = model.step(torch.as_tensor(obs, device=device), cache, control)["logits"]
-        else:
-            index = torch.as_tensor(rows, device=device)
-            part = model.step(torch.as_tensor(obs[rows], device=device), cache,
-                              control.rows(index) if isinstance(control, Control) else control)["logits"]
-            logits = part.new_zeros((n,) + part.shape[1:]).index_copy_(0, index, part)
+        index = torch.as_tensor(rows, device=device)
+        part = model.step(torch.as_tensor(obs[rows], device=device), cache,
+                          control.rows(index) if isinstance(control, Control) else control)["logits"]
+        logits = part.new_zeros((n,) + part.shape[1:]).index_copy_(0, index, part)   # zeros for ended episodes
         a = model.action_head.mode(logits) if greedy else model.action_head.sample(logits, gen)
         obs, r, *_ = env.step(a.cpu().numpy())
         reward += r

@@ -472,10 +472,10 @@ def test_rollout_that_drops_ended_episodes_plays_the_same_episodes(control, data
     runs, records = [], []
     for drop in (True, False):
         agent = etarl.InternalAgent(learner.meta, learner.policy, n, torch.Generator().manual_seed(0))
-        fn = None if control is None else agent.at if control in ("internal", "compile") else \
-            etarl.subgoal_control_fn(ctrl)
+        hooked = control in ("internal", "compile")
+        fn = agent.at if hooked else None if control is None else etarl.subgoal_control_fn(ctrl)
         runs.append(etarl.rollout(learner.model, "0-1-2-3", n, seed=5, control_fn=fn, record=True, drop_ended=drop))
-        records.append(agent.record() if fn == agent.at else {})
+        records.append(agent.record() if hooked else {})
     cut, full = runs
     assert (full["length"] < full["length"].max()).mean() >= 0.25   # so the batch was cut at least once
     for k in ("length", "progress", "success"):
