@@ -289,6 +289,28 @@ def test_episode_data_replays_in_the_environment(data):
         assert terminated and reward == 1.0
 
 
+def test_replayed_actions_are_labelled_with_the_experts_moves():
+    """generate_episodes(replay=...) makes the given moves and labels each state with the expert's: replaying
+    the expert's own actions gives its data back; replaying a model's rollout follows the rollout's cells,
+    and its labels are the shortest-path moves toward the task's next colour from there."""
+    expert = etarl.generate_episodes(200, seed=5, eps=0.2)
+    again = etarl.generate_episodes(200, seed=5, replay=expert.actions)
+    for f in ("agent", "actions", "lengths", "target", "subgoal", "optimal", "colour_cells", "task_id"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(expert, f))
+    r = etarl.rollout(_model(), "0-1-2-3", n=40, seed=7, record=True)
+    own = etarl.generate_episodes(40, seed=7, task="0-1-2-3", replay=r["actions"])
+    np.testing.assert_array_equal(own.lengths, r["length"])
+    np.testing.assert_array_equal(own.agent, r["agent"][:, : own.agent.shape[1]])
+    live = np.arange(own.actions.shape[1]) < own.lengths[:, None]
+    np.testing.assert_array_equal(own.actions[live], r["actions"][:, : own.actions.shape[1]][live])
+    for i in range(40):                                  # the target runs through the task as the model progresses
+        targets = own.target[i, : own.lengths[i]]
+        changes = targets[np.r_[True, targets[1:] != targets[:-1]]]
+        np.testing.assert_array_equal(changes, [0, 1, 2, 3][: min(r["progress"][i] + 1, 4)])
+        assert all(own.optimal[i, t].any() for t in range(own.lengths[i]))
+    assert not own.optimal[live][np.arange(live.sum()), own.actions[live]].all()   # the model strays: labels differ
+
+
 def test_episodes_save_and_load(tmp_path, data):
     """Episodes round-trip through a file unchanged."""
     data[0].save(tmp_path / "d.npz")
@@ -385,6 +407,24 @@ def test_padding_does_not_change_the_loss(data):
     a, b = model.loss(short), model.loss(padded)
     torch.testing.assert_close(a["action_nll"], b["action_nll"])
     torch.testing.assert_close(a["obs_nll"], b["obs_nll"])
+
+
+def test_shortest_path_loss_scores_the_set_of_shortest_moves():
+    """loss(shortest=True) is -ln p(any shortest-path move): with the set cut to the move taken it equals the
+    expert NLL; with ties it is lower (the tied moves' mass adds up); a random move off every shortest path is
+    scored by the shortest moves, not by itself, so data with random moves does not teach the model to make them."""
+    model = _model()
+    noisy = etarl.generate_episodes(64, seed=3, eps=0.3).batch(np.arange(64), "cpu")
+    taken = noisy["optimal"].gather(-1, noisy["actions"].clamp(min=0)[..., None])[..., 0] & noisy["mask"]
+    assert 0 < (~taken & noisy["mask"]).sum() < noisy["mask"].sum()          # some random moves, not all
+    only_taken = dict(noisy, optimal=F.one_hot(noisy["actions"].clamp(min=0), 4).bool() & noisy["mask"][..., None])
+    torch.testing.assert_close(model.loss(only_taken, shortest=True)["action_nll"], model.loss(noisy)["action_nll"])
+    clean = dict(noisy, mask=taken)                                           # steps whose move was a shortest one
+    assert model.loss(clean, shortest=True)["action_nll"] < model.loss(clean)["action_nll"]
+    moved = dict(noisy, actions=(noisy["actions"] + 1) % 4)                  # other moves, the same labels
+    torch.testing.assert_close(model.loss(moved, shortest=True)["action_nll"], model.loss(noisy, shortest=True)["action_nll"])
+    with pytest.raises(ValueError, match="action_loss"):
+        etarl.pretrain(model, etarl.generate_episodes(4, 0), etarl.generate_episodes(4, 1), etarl.PretrainConfig(action_loss="best"))
 
 
 def test_model_save_and_load_give_the_same_outputs(tmp_path, data):

@@ -9,7 +9,10 @@ Two commands, both printing one line per measurement and writing a JSON file:
       moves, which also scores the steps after a random action). With --eps or --orders they train on
       200k fresh expert episodes instead: with random actions at rate eps (then use --loss-on set), or
       in every order of three pairs (--orders all: 36 orders, the 16 pretraining tasks among them, so
-      the transitions of the post-training task are seen). 4-9 minutes on 2 cores.
+      the transitions of the post-training task are seen). With --dagger K, K rounds follow (DAgger): the
+      controlled model plays 5,000 episodes (sampled, on the same tasks), the states it reached are labelled
+      with the expert's shortest-path moves, and the controllers train 300 more steps (loss `set`) on all its
+      episodes so far mixed with as many training episodes. 4-15 minutes on 2 cores.
 
   python experiments/controllers.py scale --d-model 256 --layers 6 --batch 512 --lr 1e-3 --budget 180
       on a GPU: a fresh base model of another shape trained for a time budget on 1M expert episodes
@@ -18,12 +21,20 @@ Two commands, both printing one line per measurement and writing a JSON file:
       an H200. The cosine (etarl.lr_at) has its length estimated from the first 50 steps (on a GPU that includes
       its warm-up), and stays at its floor if the run outlasts the estimate.
 
-Both report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
+  python experiments/controllers.py failures [--eps 0.1 --action-loss shortest]
+      where episodes fail: the rate of failing at each colour of the task among the episodes that reach it, with
+      and without the preset's controllers, sampled and greedy, on the pretraining tasks, 0-1-2-3 and the
+      post-training task (2,000 episodes each). The base model is the cached cpu run's, or, with --eps or
+      --action-loss, a fresh one pretrained as the cpu preset on expert data with random moves at rate eps
+      (cached in experiments/; about 25 minutes on 2 cores) and scored by `action_loss`.
+
+The variants report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
 the controlled model's action probability on shortest-path moves on held-out expert episodes
 (teacher forcing): at t = 0, on steps heading for the first colour of a pair (also by the number of steps
 since that pair began), and on the rest.
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -67,24 +78,40 @@ def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
     return out
 
 
+ORDERS = [[c for pair in o for c in (2 * pair, 2 * pair + 1)]         # every order of three pairs without a
+          for o in itertools.product(range(4), repeat=3) if o[0] != o[1] and o[1] != o[2]]   # repeat: 36 tasks
+
+
 def every_order(n: int, seed: int, eps: float) -> etarl.Episodes:
-    """Expert episodes in every order of three pairs without a pair twice in a row (36 tasks), n // 36 each."""
-    orders = [o for o in itertools.product(range(4), repeat=3) if o[0] != o[1] and o[1] != o[2]]
-    return concatenate([etarl.generate_episodes(n // len(orders), seed + 10**6 * i, eps=eps,
-                                                task=[c for pair in o for c in (2 * pair, 2 * pair + 1)])
-                        for i, o in enumerate(orders)])
+    """Expert episodes in every order of three pairs (ORDERS), n // 36 each."""
+    return concatenate([etarl.generate_episodes(n // len(ORDERS), seed + 10**6 * i, eps=eps, task=task)
+                        for i, task in enumerate(ORDERS)])
 
 
-def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.SubgoalControllers:
+def own_episodes(model, ctrl, n: int, seed: int, orders: str) -> etarl.Episodes:
+    """The controlled model's own episodes (sampled actions, oracle switching) on the pretraining tasks or in
+    every order of three pairs, labelled with what the expert would have done in the states it reached."""
+    tasks = [None] if orders == "pretraining" else ORDERS
+    parts = []
+    for i, task in enumerate(tasks):
+        k, s = n // len(tasks), seed + 10**6 * i
+        r = etarl.rollout(model, task, k, s, etarl.subgoal_control_fn(ctrl), record=True)
+        parts.append(etarl.generate_episodes(k, s, task=task, replay=r["actions"]))
+        assert (parts[-1].agent == r["agent"][:, : parts[-1].agent.shape[1]]).all(), "the replay left the rollout"
+    return concatenate(parts)
+
+
+def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None) -> etarl.SubgoalControllers:
     """etarl.train_controllers with the action NLL restricted to some steps (`loss_on`: all, t0, first), or
-    with the loss -ln p(shortest-path moves) on every step (`set`)."""
-    if loss_on == "all":
+    with the loss -ln p(shortest-path moves) on every step (`set`); `ctrl` continues training those."""
+    if loss_on == "all" and ctrl is None:
         return etarl.train_controllers(model, data, layer, etarl.ControlConfig(rank=rank, lr=lr, steps=steps), seed,
                                        progress=False)[0]
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank).to(device)
+    if ctrl is None:
+        ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=lr, weight_decay=0.0)
     by_length = np.argsort(data.lengths, kind="stable")
     for _ in range(steps):
@@ -94,6 +121,8 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.
         if loss_on == "set":
             m = b["mask"] & b["optimal"].any(-1)
             logp = torch.logsumexp(logits.log_softmax(-1).masked_fill(~b["optimal"], -1e9), -1)   # finite: no NaN * 0
+        elif loss_on == "all":
+            m = b["mask"]
         elif loss_on == "first":
             m = b["mask"] & (b["target"] % 2 == 0)
         else:                                                    # t0: only the first step of each episode
@@ -108,7 +137,7 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0) -> etarl.
 
 def variants(args) -> dict:
     run = etarl.Run("cpu", progress=False)
-    model = etarl.freeze(run.base_model()[0])
+    model = etarl.freeze(etarl.load_model(args.base) if args.base else run.base_model()[0])
     train, test = run.data()
     if args.orders == "all":
         train = every_order(200_000, 10**8, args.eps)
@@ -116,7 +145,56 @@ def variants(args) -> dict:
         train = etarl.generate_episodes(200_000, 10**8, eps=args.eps)
     t0 = time.time()
     ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on)
-    return {"train_s": time.time() - t0, "base": shortest_path_mass(model, test), **evaluate(model, ctrl, test, 300)}
+    out = {"train_s": time.time() - t0, "base": shortest_path_mass(model, test)}
+    own, rng = None, np.random.default_rng(1)
+    for k in range(args.dagger):                   # DAgger: add the controlled model's own episodes, relabelled
+        out[f"round {k}"] = evaluate(model, ctrl, test, 300)
+        print(k, json.dumps({key: v for key, v in out[f"round {k}"].items() if "progress" not in key}), flush=True)
+        new = own_episodes(model, ctrl, args.dagger_episodes, 2 * 10**8 + 10**7 * k, args.orders)
+        own = new if own is None else concatenate([own, new])
+        mixed = concatenate([own, train.subset(rng.choice(len(train), len(own), replace=False))])
+        ctrl = train_masked(model, mixed, args.layer, args.rank, args.lr, args.dagger_steps, "set", seed=k + 1, ctrl=ctrl)
+        out["train_s"] = time.time() - t0
+    return {**out, **evaluate(model, ctrl, test, 300)}
+
+
+def failure_rates(progress: np.ndarray, success: np.ndarray, length: int) -> list:
+    """For each colour k of a task: of the episodes that reached it, the fraction that ended there unsolved."""
+    reached = np.array([(progress >= k).sum() for k in range(length)])
+    ended = np.array([((progress == k) & ~success).sum() for k in range(length)])
+    return (ended / np.maximum(reached, 1)).round(3).tolist()
+
+
+def failures(args) -> dict:
+    run = etarl.Run("cpu", progress=False)
+    clean, test = run.data()
+    out = {}
+    if args.eps == 0 and args.action_loss == "expert":
+        model = run.base_model()[0]
+    else:
+        path = Path(f"experiments/base-eps{args.eps}-{args.action_loss}.pt")
+        if path.exists():
+            model = etarl.load_model(path)
+        else:
+            train = etarl.generate_episodes(run.cfg.data.n_train, 0, eps=args.eps)   # the preset's seeds, with noise
+            torch.manual_seed(0)
+            model = etarl.build_model(run.cfg.model)
+            cfg = dataclasses.replace(run.cfg.pretrain, action_loss=args.action_loss)
+            out["pretrain"] = etarl.pretrain(model, train, test, cfg, seed=0, progress=False)
+            etarl.save_model(model, path)
+    etarl.freeze(model)
+    out["gate"] = etarl.quality_gate(model, test)
+    print("gate", json.dumps(out["gate"]), flush=True)
+    ctrl, _ = etarl.train_controllers(model, clean, 2, run.cfg.control, seed=0, progress=False)
+    for name, fn in (("uncontrolled", None), ("controlled", etarl.subgoal_control_fn(ctrl))):
+        for greedy in (False, True):
+            for task in (None, (0, 1, 2, 3), envs.GRID_POST_TASK):
+                r = etarl.rollout(model, task, 2000, 11, fn, greedy=greedy)
+                key = f"{name} {'greedy' if greedy else 'sampled'} {'pretraining' if task is None else envs.format_task(task)}"
+                out[key] = {"success": float(r["success"].mean()),
+                            "fail_rate_at_colour": failure_rates(r["progress"], r["success"], 6 if task is None else len(task))}
+                print(key, json.dumps(out[key]), flush=True)
+    return out
 
 
 def _generate(job):
@@ -197,7 +275,11 @@ if __name__ == "__main__":
     v.add_argument("--loss-on", choices=("all", "t0", "first", "set"), default="all")
     v.add_argument("--eps", type=float, default=0.0, help="train on fresh expert data with random actions at this rate")
     v.add_argument("--orders", choices=("pretraining", "all"), default="pretraining",
-                   help="train on fresh expert data in every order of three pairs")
+                   help="train on fresh expert data in every order of three pairs (and roll out in them: --dagger)")
+    v.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. made by `failures`)")
+    v.add_argument("--dagger", type=int, default=0, help="rounds of training on the controlled model's own episodes")
+    v.add_argument("--dagger-episodes", type=int, default=5000, help="own episodes added per round")
+    v.add_argument("--dagger-steps", type=int, default=300, help="training steps per round (loss: set)")
     s = sub.add_parser("scale")
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--layers", type=int, default=6)
@@ -207,10 +289,14 @@ if __name__ == "__main__":
     s.add_argument("--episodes", type=int, default=1_000_000)
     s.add_argument("--eps", type=float, default=0.0, help="the expert's random-action rate in the pretraining data")
     s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    for p in (v, s):
+    f = sub.add_parser("failures")
+    f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")
+    f.add_argument("--action-loss", choices=("expert", "shortest"), default="expert",
+                   help="its action loss (PretrainConfig.action_loss)")
+    for p in (v, s, f):
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
-    result = {"args": vars(args), **(variants(args) if args.command == "variants" else scale(args))}
+    result = {"args": vars(args), **{"variants": variants, "scale": scale, "failures": failures}[args.command](args)}
     path = args.out or f"experiments/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if "progress" not in k}, indent=1))
