@@ -112,7 +112,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     shortest-path move toward the expert's current target) instead of Eq. 5's -ln p(expert's move), so that
     the grid's base model can pretrain on expert data with random moves (DataConfig.eps > 0) without
     learning to make them (as DART injects noise, Laskey et al. 2017). With eps = 0.1 it passes the gate
-    twice as soon and navigates better, but the supervised controllers do not gain (README).
+    twice as soon and navigates better, but the supervised controllers barely gain (README).
 """
 from __future__ import annotations
 
@@ -457,13 +457,21 @@ def generate_episodes(n: int, seed: int, task=None, eps: float = 0.0, G: int = 7
     and the labels (target, subgoal, shortest-path moves) say what the expert would have done in
     the states they reach.
     """
+    if replay is not None and (eps > 0 or replay.shape[0] != n):
+        raise ValueError(f"replay must hold the moves of all n = {n} episodes (got {len(replay)}), and eps must be 0 "
+                         "(the moves are given)")
     env = envs.GridPinpadVec(n, task=task, G=G, O=O, W=W, T=T)
     env.reset(seed=seed)
     rng = np.random.default_rng([seed, 1])
     agent, actions, target, optimal = [env.agent.copy()], [], [], []
     while not env.done.all():
         live = ~env.done
-        a = envs.expert_actions(env, rng, eps) if replay is None else replay[:, len(target)]
+        if replay is None:
+            a = envs.expert_actions(env, rng, eps)
+        elif len(target) >= replay.shape[1] or not np.isin(replay[live, len(target)], range(4)).all():
+            raise ValueError(f"replay ends or holds a non-move at step {len(target)} of a running episode")
+        else:
+            a = replay[:, len(target)]
         target.append(np.where(live, env.target, -1))
         optimal.append(envs.optimal_moves(env) & live[:, None])
         actions.append(np.where(live, a, -1))
@@ -817,13 +825,13 @@ class BaseModel(nn.Module):
         state, whichever move was taken there (deviation 21, an option: data with random moves)."""
         obs, actions, mask = batch["obs"], batch["actions"], batch["mask"]
         out = self(obs[:, :-1], control)
-        if shortest:
-            mask = mask & batch["optimal"].any(-1)
-            logp = torch.logsumexp(out["logits"].log_softmax(-1).masked_fill(~batch["optimal"], -1e9), -1)
-        else:
-            logp = self.action_head.log_prob(out["logits"], actions)
         m = mask.float()
-        action_nll = -(logp * m).sum() / m.sum()
+        if shortest:
+            scored = (mask & batch["optimal"].any(-1)).float()
+            logp = torch.logsumexp(out["logits"].log_softmax(-1).masked_fill(~batch["optimal"], -1e9), -1)
+            action_nll = -(logp * scored).sum() / scored.sum()
+        else:
+            action_nll = -(self.action_head.log_prob(out["logits"], actions) * m).sum() / m.sum()
         obs_nll = torch.zeros(())
         if obs_loss and self.cfg.obs_weight > 0:
             pred = self.obs_head(out["h"])

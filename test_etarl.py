@@ -309,6 +309,9 @@ def test_replayed_actions_are_labelled_with_the_experts_moves():
         np.testing.assert_array_equal(changes, [0, 1, 2, 3][: min(r["progress"][i] + 1, 4)])
         assert all(own.optimal[i, t].any() for t in range(own.lengths[i]))
     assert not own.optimal[live][np.arange(live.sum()), own.actions[live]].all()   # the model strays: labels differ
+    for bad in (r["actions"][:, :2], r["actions"][:30], np.full_like(r["actions"], -1)):
+        with pytest.raises(ValueError, match="replay"):
+            etarl.generate_episodes(40, seed=7, task="0-1-2-3", replay=bad)
 
 
 def test_episodes_save_and_load(tmp_path, data):
@@ -423,8 +426,16 @@ def test_shortest_path_loss_scores_the_set_of_shortest_moves():
     assert model.loss(clean, shortest=True)["action_nll"] < model.loss(clean)["action_nll"]
     moved = dict(noisy, actions=(noisy["actions"] + 1) % 4)                  # other moves, the same labels
     torch.testing.assert_close(model.loss(moved, shortest=True)["action_nll"], model.loss(noisy, shortest=True)["action_nll"])
+    few, calls = etarl.generate_episodes(8, 0), []
+    loss = model.loss
+    model.loss = lambda batch, **kw: calls.append(kw) or loss(batch, **kw)                  # pretrain asks for it
+    etarl.pretrain(model, few, few, etarl.PretrainConfig(steps=1, batch_size=4, action_loss="shortest"), progress=False)
+    assert calls == [{"shortest": True}]
     with pytest.raises(ValueError, match="action_loss"):
-        etarl.pretrain(model, etarl.generate_episodes(4, 0), etarl.generate_episodes(4, 1), etarl.PretrainConfig(action_loss="best"))
+        etarl.pretrain(model, few, few, etarl.PretrainConfig(action_loss="best"))
+    ant = etarl.build_model(etarl.ModelConfig(d_model=16, n_layers=2, d_mlp=32, **etarl.ANT), "ant")
+    with pytest.raises(ValueError, match="shortest-path labels"):
+        etarl.pretrain(ant, few, few, etarl.PretrainConfig(action_loss="shortest"))
 
 
 def test_model_save_and_load_give_the_same_outputs(tmp_path, data):

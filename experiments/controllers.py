@@ -10,7 +10,7 @@ Two commands, both printing one line per measurement and writing a JSON file:
       200k fresh expert episodes instead: with random actions at rate eps (then use --loss-on set), or
       in every order of three pairs (--orders all: 36 orders, the 16 pretraining tasks among them, so
       the transitions of the post-training task are seen). With --dagger K, K rounds follow (DAgger): the
-      controlled model plays 5,000 episodes (sampled, on the same tasks), the states it reached are labelled
+      controlled model plays 5,000 episodes (sampled, on the same tasks; 36 x 138 in every order), the states it reached are labelled
       with the expert's shortest-path moves, and the controllers train 300 more steps (loss `set`) on all its
       episodes so far mixed with as many training episodes. 4-15 minutes on 2 cores.
 
@@ -26,7 +26,7 @@ Two commands, both printing one line per measurement and writing a JSON file:
       and without the preset's controllers, sampled and greedy, on the pretraining tasks, 0-1-2-3 and the
       post-training task (2,000 episodes each). The base model is the cached cpu run's, or, with --eps or
       --action-loss, a fresh one pretrained as the cpu preset on expert data with random moves at rate eps
-      (cached in experiments/; about 25 minutes on 2 cores) and scored by `action_loss`.
+      (cached in experiments/; about 30 minutes on 2 cores) and scored by `action_loss`.
 
 The variants report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
 the controlled model's action probability on shortest-path moves on held-out expert episodes
@@ -97,7 +97,8 @@ def own_episodes(model, ctrl, n: int, seed: int, orders: str) -> etarl.Episodes:
         k, s = n // len(tasks), seed + 10**6 * i
         r = etarl.rollout(model, task, k, s, etarl.subgoal_control_fn(ctrl), record=True)
         parts.append(etarl.generate_episodes(k, s, task=task, replay=r["actions"]))
-        assert (parts[-1].agent == r["agent"][:, : parts[-1].agent.shape[1]]).all(), "the replay left the rollout"
+        assert ((parts[-1].lengths == r["length"]).all()
+                and (parts[-1].agent == r["agent"][:, : parts[-1].agent.shape[1]]).all()), "the replay left the rollout"
     return concatenate(parts)
 
 
@@ -110,7 +111,7 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    if ctrl is None:
+    if ctrl is None:                                              # (a given ctrl gets a fresh AdamW state)
         ctrl = etarl.SubgoalControllers(int(data.subgoal.max()) + 1, model.cfg.d_model, layer, rank).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=lr, weight_decay=0.0)
     by_length = np.argsort(data.lengths, kind="stable")
@@ -145,7 +146,7 @@ def variants(args) -> dict:
         train = etarl.generate_episodes(200_000, 10**8, eps=args.eps)
     t0 = time.time()
     ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on)
-    out = {"train_s": time.time() - t0, "base": shortest_path_mass(model, test)}
+    out = {"train_s": time.time() - t0, "base": shortest_path_mass(model, test)}    # with --dagger: rounds' rollouts too
     own, rng = None, np.random.default_rng(1)
     for k in range(args.dagger):                   # DAgger: add the controlled model's own episodes, relabelled
         out[f"round {k}"] = evaluate(model, ctrl, test, 300)
@@ -162,7 +163,7 @@ def failure_rates(progress: np.ndarray, success: np.ndarray, length: int) -> lis
     """For each colour k of a task: of the episodes that reached it, the fraction that ended there unsolved."""
     reached = np.array([(progress >= k).sum() for k in range(length)])
     ended = np.array([((progress == k) & ~success).sum() for k in range(length)])
-    return (ended / np.maximum(reached, 1)).round(3).tolist()
+    return [round(e / r, 3) if r else None for e, r in zip(ended, reached)]     # None: no episode got there
 
 
 def failures(args) -> dict:
