@@ -28,7 +28,8 @@ Two commands, both printing one line per measurement and writing a JSON file:
       --action-loss, a fresh one pretrained as the cpu preset on expert data with random moves at rate eps
       (cached in experiments/; about 30 minutes on 2 cores) and scored by `action_loss`.
 
-The variants report, besides success in the real environment (sampled actions, as in etarl.controller_sweep),
+The variants report, besides success in the real environment (sampled actions, as in etarl.controller_sweep, and
+greedy ones),
 the controlled model's action probability on shortest-path moves on held-out expert episodes
 (teacher forcing): at t = 0, on steps heading for the first colour of a pair (also by the number of steps
 since that pair began), and on the rest.
@@ -69,12 +70,15 @@ def shortest_path_mass(model, data: etarl.Episodes, control_fn=None, n: int = 10
 
 
 def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
-    """Teacher-forced shortest-path mass and success with the controllers on TASKS (progress histogram too)."""
+    """Teacher-forced shortest-path mass and success with the controllers on TASKS (progress histogram too),
+    sampled as the pipeline does, and greedy."""
     out = shortest_path_mass(model, data, ctrl)
     for task in TASKS:
         r = etarl.rollout(model, envs.parse_task(task), episodes, 1, etarl.subgoal_control_fn(ctrl))
         out[task] = float(r["success"].mean())
         out[task + " progress"] = np.bincount(r["progress"], minlength=len(envs.parse_task(task)) + 1).tolist()
+        out[task + " greedy"] = float(etarl.rollout(model, envs.parse_task(task), episodes, 1,
+                                                    etarl.subgoal_control_fn(ctrl), greedy=True)["success"].mean())
     return out
 
 
@@ -259,8 +263,6 @@ def scale(args) -> dict:
     for layer in range(1, args.layers):
         ctrl, _ = etarl.train_controllers(model, clean, layer, etarl.ControlConfig(), 0, progress=False)
         out[f"layer {layer}"] = evaluate(model, ctrl, test, 500)
-        out[f"layer {layer}"][TASKS[-1] + " greedy"] = float(etarl.rollout(
-            model, envs.parse_task(TASKS[-1]), 500, 1, etarl.subgoal_control_fn(ctrl), greedy=True)["success"].mean())
         print(layer, json.dumps(out[f"layer {layer}"]), flush=True)
     return out
 
