@@ -730,6 +730,12 @@ class CategoricalHead(nn.Module):
         return logits.argmax(-1)
 
 
+def shortest_path_log_prob(logits: torch.Tensor, optimal: torch.Tensor) -> torch.Tensor:
+    """ln p(any shortest-path move) under categorical logits (..., A), optimal (..., A) bool; a large negative
+    number, not -inf, where no move is marked (so that masking it out by multiplying gives no NaN)."""
+    return torch.logsumexp(logits.log_softmax(-1).masked_fill(~optimal, -1e9), -1)
+
+
 class GaussianHead(nn.Module):
     """Continuous actions: a diagonal Gaussian whose mean and log-std the residual stream predicts. Its
     "logits" are the concatenated (mean, log_std), (..., 2A)."""
@@ -828,8 +834,7 @@ class BaseModel(nn.Module):
         m = mask.float()
         if shortest:
             scored = (mask & batch["optimal"].any(-1)).float()
-            logp = torch.logsumexp(out["logits"].log_softmax(-1).masked_fill(~batch["optimal"], -1e9), -1)
-            action_nll = -(logp * scored).sum() / scored.sum()
+            action_nll = -(shortest_path_log_prob(out["logits"], batch["optimal"]) * scored).sum() / scored.sum()
         else:
             action_nll = -(self.action_head.log_prob(out["logits"], actions) * m).sum() / m.sum()
         obs_nll = torch.zeros(())

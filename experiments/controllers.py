@@ -125,7 +125,7 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None
         logp = model.action_head.log_prob(logits, b["actions"].clamp(min=0))
         if loss_on == "set":
             m = b["mask"] & b["optimal"].any(-1)
-            logp = torch.logsumexp(logits.log_softmax(-1).masked_fill(~b["optimal"], -1e9), -1)   # finite: no NaN * 0
+            logp = etarl.shortest_path_log_prob(logits, b["optimal"])
         elif loss_on == "all":
             m = b["mask"]
         elif loss_on == "first":
