@@ -45,8 +45,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     hypernetwork's output layer starts with weights of std 0.05, which is NOT a small edit (|U e| / |e|
     about 0.65 at rank 16 on the cpu base model; MetaConfig(zero_init_edit=True) starts from U = 0
     exactly); gradients are clipped at norm 1. Off by default, measured as remedies for the collapse:
-    MetaConfig(per_step_embedding=True), an s_t per step from both directions' GRU states at t, and
-    MetaConfig(free_bits=f), no KL penalty on a code dimension below f nats per step (Kingma et al. 2016).
+    MetaConfig(per_step_embedding=True), an s_t per step from both directions' GRU states at t,
+    MetaConfig(free_bits=f), no KL penalty on a code dimension below f nats per step (Kingma et al. 2016),
+    and MetaConfig(kl_delay=n), alpha = 0 for the first n steps (then kl_warmup's ramp, if any).
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
@@ -215,6 +216,7 @@ class MetaConfig:
     lr: float = 1e-3
     weight_decay: float = 0.03
     switch_bias: float = 0.0    # initial bias of the switching unit's logit (0: beta starts near 0.5)
+    kl_delay: int = 0           # steps with alpha = 0 before the warm-up (0: the paper's plain Eq. 3)
     kl_warmup: int = 0          # steps over which alpha ramps up linearly from 0 (0: the paper's plain Eq. 3)
     gumbel_switch: bool = False  # in training, beta is a straight-through Gumbel-sigmoid sample (0 or 1)
     zero_init_edit: bool = False  # start the decoder at U = 0 exactly (see `hypernetwork`)
@@ -1302,13 +1304,17 @@ class Metacontroller(nn.Module):
         """Eq. (18): U = f_hyp(z), as a Control at this metacontroller's layer; z (..., n_z)."""
         return hyper_control(self.hyper, z, self.layer, self.D, self.cfg.rank)
 
+    def switch_logit(self, e: torch.Tensor, h_prev: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+        """Eq. (16) before its sigmoid: the switching unit's logit (n, 1) from e_t, h_t-1 and z_t-1."""
+        return self.switch(torch.cat([e, h_prev, z_prev], -1))
+
     def gate_step(self, state, e: torch.Tensor, obs: torch.Tensor, z_prev: torch.Tensor):
         """The causal gate alone, one step at a time, for internal RL: fire = H(beta_t - 0.5) from
         (e_t, h_t-1, z_t-1) for e (n, D); state is h_t-1 (None before the first step, which always fires)."""
         if state is None or self.cfg.force_switch:
             fire = torch.ones(len(e), dtype=torch.bool, device=e.device)
         else:
-            fire = self.switch(torch.cat([e, state[0], z_prev], -1))[:, 0] > 0   # beta > 0.5 <=> logit > 0
+            fire = self.switch_logit(e, state[0], z_prev)[:, 0] > 0    # beta > 0.5 <=> logit > 0
         _, state = self.history(e[:, None], state)
         return fire, state
 
@@ -1327,7 +1333,7 @@ class Metacontroller(nn.Module):
             if self.cfg.force_switch or t == 0:                       # at t = 0 there is no code to keep
                 beta = torch.ones(B, 1, device=e.device)
             else:
-                logit = self.switch(torch.cat([e_t, h_prev_t, z], -1))                     # Eq. (16)
+                logit = self.switch_logit(e_t, h_prev_t, z)                               # Eq. (16)
                 beta = gumbel_sigmoid(logit, self.cfg.switch_temperature) if self.cfg.gumbel_switch and \
                     self.training else torch.sigmoid(logit)
             z = beta * z_tilde_t + (1 - beta) * z                     # Eq. (17)
@@ -1362,14 +1368,26 @@ def meta_loss(model: BaseModel, meta: Metacontroller, batch: dict, alpha: float,
             "action_nll": out["action_nll"], "kl": kl.sum(), **control.out}
 
 
+def kl_weight(step: int, cfg: MetaConfig) -> float:
+    """alpha at a training step: 0 for the first cfg.kl_delay steps, then a linear ramp over cfg.kl_warmup
+    steps up to cfg.alpha (both 0: the paper's constant alpha)."""
+    step -= cfg.kl_delay
+    if step < 0:
+        return 0.0
+    return cfg.alpha * min(1.0, step / cfg.kl_warmup) if cfg.kl_warmup else cfg.alpha
+
+
 def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed: int = 0,
-                         progress: bool = True) -> tuple[Metacontroller, dict]:
+                         progress: bool = True, meta: Metacontroller | None = None) -> tuple[Metacontroller, dict]:
     """Fit the metacontroller on expert data by Eq. (3). Only its parameters train, unless cfg.co_train,
-    in which case the base model's train too (pass a freshly initialised model for App. C.4.2)."""
+    in which case the base model's train too (pass a freshly initialised model for App. C.4.2).
+    A given `meta` (one loaded from disk, or a variant built elsewhere) trains on instead of a fresh one."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    meta = Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg).to(device)
+    if meta is None:
+        meta = Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg)
+    meta = meta.to(device).train()
     if cfg.co_train:
         model.train()
         for p in model.parameters():
@@ -1384,7 +1402,7 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
     t0, bar = time.time(), tqdm(range(cfg.steps), desc="metacontroller", disable=not progress, mininterval=2)
     for step in bar:
         batch = data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device)
-        alpha = cfg.alpha * min(1.0, step / cfg.kl_warmup) if cfg.kl_warmup else cfg.alpha
+        alpha = kl_weight(step, cfg)
         out = meta_loss(model, meta, batch, alpha)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

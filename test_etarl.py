@@ -684,6 +684,25 @@ def test_free_bits_stop_penalising_the_kl_below_the_floor(data):
     assert kl_grad(a, plain).abs().max() > 0 and kl_grad(b, floored).abs().max() == 0
 
 
+def test_kl_weight_waits_for_the_delay_then_ramps_to_alpha():
+    """MetaConfig.kl_delay steps at alpha = 0, then a linear warm-up over kl_warmup steps; both 0: Eq. 3's alpha."""
+    weights = lambda **kw: [etarl.kl_weight(s, etarl.MetaConfig(alpha=0.2, **kw)) for s in (0, 9, 10, 20, 30, 99)]
+    assert weights() == [0.2] * 6
+    assert weights(kl_delay=10) == [0.0, 0.0, 0.2, 0.2, 0.2, 0.2]
+    assert weights(kl_delay=10, kl_warmup=20) == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.2, 0.2])
+
+
+def test_a_given_metacontroller_trains_on(data, tmp_path):
+    """train_metacontroller(meta=m) continues training m (here reloaded from disk) instead of a fresh one."""
+    model, cfg = etarl.freeze(_model()), etarl.MetaConfig(steps=3, batch_size=8)
+    etarl.save_meta(_meta(model), tmp_path / "meta.pt")
+    given = etarl.load_meta(tmp_path / "meta.pt")
+    before = [p.detach().clone() for p in given.parameters()]
+    meta, history = etarl.train_metacontroller(model, data[0], cfg, progress=False, meta=given)
+    assert meta is given and len(history["loss"]) == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+
+
 def test_zero_decoder_leaves_the_base_model_unchanged(data):
     """With f_hyp's output layer at zero (U = 0), the controlled model is exactly the base model."""
     model, batch = _model(), data[0].batch(np.arange(4), "cpu")

@@ -1,0 +1,182 @@
+"""Why the metacontroller collapses on the gridworld: the diagnostics behind the README's numbers.
+
+Both commands run on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), print one line per
+measurement and write a JSON file. They hand the truth (subgoal labels, boundaries, the task) to parts of the
+metacontroller, which the method itself never sees, to find out which part fails.
+
+  python experiments/metacontroller.py oracle [--gate oracle] [--code-input subgoal|boundary|task]
+                                              [--alpha 0.1] [--steps 1500] [--kl-delay 0] [--logvar-bias 0]
+      the cpu preset's metacontroller training (Eq. 3, frozen base model), with parts replaced by the truth:
+      --gate oracle takes a new code exactly at the true subgoal boundaries (beta = 1 there and at t = 0,
+      0 elsewhere); --code-input replaces the learned sequence embedding s that the encoder reads by the
+      current subgoal (one-hot, every step), the new subgoal at the boundaries only (zeros elsewhere), or
+      the task (one-hot). --kl-delay trains with alpha = 0 for its first steps (MetaConfig.kl_delay);
+      --logvar-bias starts the encoder's log-variance there instead of about 0; --encoder-reads s zeroes the
+      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s. Reports the held-out action
+      NLL, KL and the switching statistics of etarl.evaluate_metacontroller. About 6 minutes on one thread.
+
+  python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
+      the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
+      noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? Also
+      the held-out action NLL of the base model without control and with the preset's supervised layer-2
+      controllers. About 7 minutes on one thread.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import etarl   # noqa: E402
+
+
+class Oracle(etarl.Metacontroller):
+    """The metacontroller with its gate and/or its sequence embedding replaced by the truth of each batch,
+    which `Labelled` hands it. The gate's oracle returns logits of +-30 (beta = 1 or about 1e-13)."""
+
+    def __init__(self, d_model: int, layer: int, cfg: etarl.MetaConfig, gate: str, code_input: str,
+                 s_only: bool = False):
+        super().__init__(d_model, layer, cfg)
+        self.gate, self.code_input, self.labels, self.t = gate, code_input, None, 0
+        if s_only:                                    # the encoder reads s alone: its e_t and h_t-1 inputs are zeroed
+            keep = torch.zeros(d_model + cfg.n_h + cfg.n_s)
+            keep[-cfg.n_s:] = 1
+            self.encoder = torch.nn.Sequential(Mask(keep), self.encoder)
+
+    def sequence_embedding(self, e, lengths):
+        self.t = 0                                    # forward calls this once, before its loop over steps
+        if self.code_input == "learned":
+            return super().sequence_embedding(e, lengths)
+        subgoal, boundary, task = self.labels
+        if self.code_input == "task":
+            return F.one_hot(task, self.cfg.n_s).float()[:, None].expand(-1, e.shape[1], -1)
+        s = F.one_hot(subgoal.clamp(min=0), self.cfg.n_s).float()
+        return s * boundary[..., None] if self.code_input == "boundary" else s
+
+    def switch_logit(self, e, h_prev, z_prev):
+        self.t += 1                                   # forward asks for steps 1 .. T-1 in order
+        if self.gate == "learned":
+            return super().switch_logit(e, h_prev, z_prev)
+        return 60 * self.labels[1][:, self.t, None] - 30
+
+
+class Mask(torch.nn.Module):
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return x * self.keep
+
+
+class Labelled:
+    """Episodes whose every batch also hands its true labels (subgoal, boundary, task) to an Oracle."""
+
+    def __init__(self, data: etarl.Episodes, oracle: Oracle):
+        self.data, self.oracle = data, oracle
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batch(self, idx, device):
+        b = self.data.batch(idx, device)
+        boundary = torch.as_tensor(etarl.true_boundaries(b["subgoal"].cpu().numpy(), b["mask"].cpu().numpy())).float()
+        boundary[:, 0] = 1                                            # t = 0 always takes a code
+        task = torch.as_tensor(self.data.task_id[np.sort(np.asarray(idx))], device=device)
+        self.oracle.labels = (b["subgoal"], boundary.to(device), task)
+        return b
+
+
+def curve(values: list, every: int = 250) -> list:
+    return [round(float(np.mean(values[i:i + 100])), 4) for i in range(0, len(values), every)]
+
+
+def oracle(args) -> dict:
+    run = etarl.Run("cpu", progress=False)
+    model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
+    cfg = dataclasses.replace(run.cfg.meta, alpha=args.alpha, steps=args.steps, kl_delay=args.kl_delay)
+    torch.manual_seed(args.seed)
+    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads == "s")
+    last = meta.encoder[-1][-1] if args.encoder_reads == "s" else meta.encoder[-1]
+    with torch.no_grad():
+        last.bias[cfg.n_z:] = args.logvar_bias
+    t = time.time()
+    meta, history = etarl.train_metacontroller(model, Labelled(train, meta), cfg, args.seed, progress=False, meta=meta)
+    out = {"train_time_s": time.time() - t, "train_nll": curve(history["action_nll"]), "train_kl": curve(history["kl"]),
+           **etarl.evaluate_metacontroller(model, meta, Labelled(test, meta))}
+    out["objective"] = out["action_nll"] + args.alpha * out["kl"]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+@torch.no_grad()
+def held_out_nll(model, data: etarl.Episodes, control_of, batch_size: int = 256) -> float:
+    """Action NLL per valid step on `data` under control_of(batch) (a Control, or None)."""
+    total, steps = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        b = data.batch(np.arange(i, min(i + batch_size, len(data))), "cpu")
+        n = b["mask"].sum().item()
+        total, steps = total + model.loss(b, control_of(b), obs_loss=False)["action_nll"].item() * n, steps + n
+    return total / steps
+
+
+def decoder(args) -> dict:
+    run = etarl.Run("cpu", progress=False)
+    model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
+    torch.manual_seed(args.seed)
+    rng, cfg = np.random.default_rng(args.seed), run.cfg.meta
+    meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg)
+    code = lambda b: F.one_hot(b["subgoal"].clamp(min=0), cfg.n_z).float()   # the true subgoal, noise-free
+    opt = torch.optim.AdamW(meta.hyper.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
+    by_length, history, t = np.argsort(train.lengths, kind="stable"), [], time.time()
+    for _ in range(args.steps):
+        b = train.batch(etarl.length_bucketed_batch(by_length, cfg.batch_size, rng), "cpu")
+        loss = model.loss(b, meta.decode(code(b)), obs_loss=False)["action_nll"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(meta.hyper.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+    out = {"train_time_s": time.time() - t, "train_nll": curve(history),
+           "decoder_nll": held_out_nll(model, test, lambda b: meta.decode(code(b))),
+           "uncontrolled_nll": held_out_nll(model, test, lambda b: None)}
+    ctrl, _ = etarl.train_controllers(model, train, len(model.blocks) // 2, run.cfg.control, args.seed, progress=False)
+    out["supervised_controllers_nll"] = held_out_nll(model, test, lambda b: ctrl(b["subgoal"]))
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("oracle")
+    o.add_argument("--gate", choices=("learned", "oracle"), default="oracle")
+    o.add_argument("--code-input", choices=("learned", "subgoal", "boundary", "task"), default="learned",
+                   help="what the encoder reads as s: the learned embedding, or a one-hot truth")
+    o.add_argument("--encoder-reads", choices=("all", "s"), default="all",
+                   help="s: the encoder reads s alone (its e_t and h_t-1 inputs zeroed)")
+    o.add_argument("--alpha", type=float, default=0.1)
+    o.add_argument("--steps", type=int, default=1500)
+    o.add_argument("--kl-delay", type=int, default=0, help="steps with alpha = 0 first")
+    o.add_argument("--logvar-bias", type=float, default=0.0, help="initial bias of the encoder's log-variances")
+    d = sub.add_parser("decoder")
+    d.add_argument("--steps", type=int, default=1500)
+    d.add_argument("--lr", type=float, default=1e-3)
+    for p in (o, d):
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {"args": vars(args), **{"oracle": oracle, "decoder": decoder}[args.command](args)}
+    path = args.out or f"experiments/metacontroller-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    Path(path).write_text(json.dumps(result, indent=1))
