@@ -1381,7 +1381,8 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
                          progress: bool = True, meta: Metacontroller | None = None) -> tuple[Metacontroller, dict]:
     """Fit the metacontroller on expert data by Eq. (3). Only its parameters train, unless cfg.co_train,
     in which case the base model's train too (pass a freshly initialised model for App. C.4.2).
-    A given `meta` (one loaded from disk, or a variant built elsewhere) trains on instead of a fresh one."""
+    A given `meta` (one loaded from disk, or a variant built elsewhere) trains on instead of a fresh one: `cfg`
+    sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss (free bits)."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

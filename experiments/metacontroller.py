@@ -12,14 +12,15 @@ metacontroller, which the method itself never sees, to find out which part fails
       current subgoal (one-hot, every step), the new subgoal at the boundaries only (zeros elsewhere), or
       the task (one-hot). --kl-delay trains with alpha = 0 for its first steps (MetaConfig.kl_delay);
       --logvar-bias starts the encoder's log-variance there instead of about 0; --encoder-reads s zeroes the
-      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s. Reports the held-out action
-      NLL, KL and the switching statistics of etarl.evaluate_metacontroller. About 6 minutes on one thread.
+      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s; --per-step-embedding makes the learned
+      s per step (MetaConfig.per_step_embedding). Reports the held-out action
+      NLL, KL and the switching statistics of etarl.evaluate_metacontroller. About 5-6 minutes on one thread.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
       noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? Also
       the held-out action NLL of the base model without control and with the preset's supervised layer-2
-      controllers. About 7 minutes on one thread.
+      controllers. About 6-7 minutes on one thread.
 """
 import argparse
 import dataclasses
@@ -103,7 +104,8 @@ def curve(values: list, every: int = 250) -> list:
 def oracle(args) -> dict:
     run = etarl.Run("cpu", progress=False)
     model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
-    cfg = dataclasses.replace(run.cfg.meta, alpha=args.alpha, steps=args.steps, kl_delay=args.kl_delay)
+    cfg = dataclasses.replace(run.cfg.meta, alpha=args.alpha, steps=args.steps, kl_delay=args.kl_delay,
+                              per_step_embedding=args.per_step_embedding)
     torch.manual_seed(args.seed)
     meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads == "s")
     last = meta.encoder[-1][-1] if args.encoder_reads == "s" else meta.encoder[-1]
@@ -168,6 +170,7 @@ if __name__ == "__main__":
     o.add_argument("--steps", type=int, default=1500)
     o.add_argument("--kl-delay", type=int, default=0, help="steps with alpha = 0 first")
     o.add_argument("--logvar-bias", type=float, default=0.0, help="initial bias of the encoder's log-variances")
+    o.add_argument("--per-step-embedding", action="store_true", help="the learned s is per step (MetaConfig option)")
     d = sub.add_parser("decoder")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--lr", type=float, default=1e-3)
