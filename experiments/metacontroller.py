@@ -12,7 +12,7 @@ metacontroller, which the method itself never sees, to find out which part fails
       current subgoal (one-hot, every step), the new subgoal at the boundaries only (zeros elsewhere), or
       the task (one-hot). --kl-delay trains with alpha = 0 for its first steps (MetaConfig.kl_delay);
       --logvar-bias starts the encoder's log-variance there instead of about 0; --encoder-reads s zeroes the
-      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s; --per-step-embedding makes the learned
+      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s (h-s: zeroes e_t only); --per-step-embedding makes the learned
       s per step (MetaConfig.per_step_embedding). Reports the held-out action
       NLL, KL and the switching statistics of etarl.evaluate_metacontroller. About 5-6 minutes on one thread.
 
@@ -42,12 +42,12 @@ class Oracle(etarl.Metacontroller):
     which `Labelled` hands it. The gate's oracle returns logits of +-30 (beta = 1 or about 1e-13)."""
 
     def __init__(self, d_model: int, layer: int, cfg: etarl.MetaConfig, gate: str, code_input: str,
-                 s_only: bool = False):
+                 reads: str = "all"):
         super().__init__(d_model, layer, cfg)
         self.gate, self.code_input, self.labels, self.t = gate, code_input, None, 0
-        if s_only:                                    # the encoder reads s alone: its e_t and h_t-1 inputs are zeroed
-            keep = torch.zeros(d_model + cfg.n_h + cfg.n_s)
-            keep[-cfg.n_s:] = 1
+        if reads != "all":                            # zero the encoder's e_t input (h-s), and h_t-1 too (s)
+            keep = torch.ones(d_model + cfg.n_h + cfg.n_s)
+            keep[:d_model + (cfg.n_h if reads == "s" else 0)] = 0
             self.encoder = torch.nn.Sequential(Mask(keep), self.encoder)
 
     def sequence_embedding(self, e, lengths):
@@ -107,8 +107,8 @@ def oracle(args) -> dict:
     cfg = dataclasses.replace(run.cfg.meta, alpha=args.alpha, steps=args.steps, kl_delay=args.kl_delay,
                               per_step_embedding=args.per_step_embedding)
     torch.manual_seed(args.seed)
-    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads == "s")
-    last = meta.encoder[-1][-1] if args.encoder_reads == "s" else meta.encoder[-1]
+    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
+    last = meta.encoder[-1] if args.encoder_reads == "all" else meta.encoder[-1][-1]
     with torch.no_grad():
         last.bias[cfg.n_z:] = args.logvar_bias
     t = time.time()
@@ -164,8 +164,8 @@ if __name__ == "__main__":
     o.add_argument("--gate", choices=("learned", "oracle"), default="oracle")
     o.add_argument("--code-input", choices=("learned", "subgoal", "boundary", "task"), default="learned",
                    help="what the encoder reads as s: the learned embedding, or a one-hot truth")
-    o.add_argument("--encoder-reads", choices=("all", "s"), default="all",
-                   help="s: the encoder reads s alone (its e_t and h_t-1 inputs zeroed)")
+    o.add_argument("--encoder-reads", choices=("all", "h-s", "s"), default="all",
+                   help="h-s: its e_t input zeroed; s: e_t and h_t-1 zeroed")
     o.add_argument("--alpha", type=float, default=0.1)
     o.add_argument("--steps", type=int, default=1500)
     o.add_argument("--kl-delay", type=int, default=0, help="steps with alpha = 0 first")
