@@ -1,6 +1,6 @@
 """Why the supervised controllers fail on the gridworld: the experiments behind the README's numbers.
 
-Two commands, both printing one line per measurement and writing a JSON file:
+Three commands, each printing one line per measurement and writing a JSON file:
 
   python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
       on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised

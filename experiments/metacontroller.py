@@ -42,9 +42,11 @@ class Oracle(etarl.Metacontroller):
     which `Labelled` hands it. The gate's oracle returns logits of +-30 (beta = 1 or about 1e-13)."""
 
     def __init__(self, d_model: int, layer: int, cfg: etarl.MetaConfig, gate: str, code_input: str,
-                 reads: str = "all"):
+                 reads: str = "all", logvar_bias: float = 0.0):
         super().__init__(d_model, layer, cfg)
         self.gate, self.code_input, self.labels, self.t = gate, code_input, None, 0
+        with torch.no_grad():
+            self.encoder[-1].bias[cfg.n_z:] = logvar_bias            # the log-variance half of the encoder's output
         if reads != "all":                            # zero the encoder's e_t input (h-s), and h_t-1 too (s)
             keep = torch.ones(d_model + cfg.n_h + cfg.n_s)
             keep[:d_model + (cfg.n_h if reads == "s" else 0)] = 0
@@ -107,10 +109,8 @@ def oracle(args) -> dict:
     cfg = dataclasses.replace(run.cfg.meta, alpha=args.alpha, steps=args.steps, kl_delay=args.kl_delay,
                               per_step_embedding=args.per_step_embedding)
     torch.manual_seed(args.seed)
-    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
-    last = meta.encoder[-1] if args.encoder_reads == "all" else meta.encoder[-1][-1]
-    with torch.no_grad():
-        last.bias[cfg.n_z:] = args.logvar_bias
+    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads,
+                  args.logvar_bias)
     t = time.time()
     meta, history = etarl.train_metacontroller(model, Labelled(train, meta), cfg, args.seed, progress=False, meta=meta)
     out = {"train_time_s": time.time() - t, "train_nll": curve(history["action_nll"]), "train_kl": curve(history["kl"]),
