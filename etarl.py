@@ -47,7 +47,12 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     exactly); gradients are clipped at norm 1. Off by default, measured as remedies for the collapse:
     MetaConfig(per_step_embedding=True), an s_t per step from both directions' GRU states at t,
     MetaConfig(free_bits=f), no KL penalty on a code dimension below f nats per step (Kingma et al. 2016),
-    and MetaConfig(kl_delay=n), alpha = 0 for the first n steps (then kl_warmup's ramp, if any).
+    MetaConfig(kl_delay=n), alpha = 0 for the first n steps, MetaConfig(kl_warmup=m), then a linear ramp of
+    alpha over m steps, MetaConfig(logvar_init=b), the encoder's log-variance biases start at b (-6: a
+    posterior std of 0.05), and MetaConfig(read_norm=True), the metacontroller reads LayerNorm(e_t) (no
+    parameters) instead of the raw stream, whose scale saturates its GRUs (the edit still applies to the raw
+    stream). kl_delay, kl_warmup, logvar_init and read_norm together make the learned metacontroller use its
+    code, with a soft gate that does not switch at the subgoal boundaries (README, "What does not work yet").
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
@@ -222,6 +227,8 @@ class MetaConfig:
     zero_init_edit: bool = False  # start the decoder at U = 0 exactly (see `hypernetwork`)
     per_step_embedding: bool = False  # s_t per step (both directions' GRU states at t) instead of one s per episode
     free_bits: float = 0.0      # per code dimension, nats per step: the KL of a dimension is not penalised below it
+    read_norm: bool = False     # the metacontroller reads LayerNorm(e_t) (no parameters), not the raw residual
+    logvar_init: float | None = None  # start the encoder's log-variance biases here (None: PyTorch's default init)
     switch_temperature: float = 1.0
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
@@ -1285,6 +1292,8 @@ class Metacontroller(nn.Module):
         self.embed = nn.GRU(d_model, cfg.n_s, batch_first=True, bidirectional=True)
         self.embed_out = nn.Linear(2 * cfg.n_s, cfg.n_s)
         self.encoder = mlp(d_model + cfg.n_h + cfg.n_s, cfg.enc_hidden, 2 * cfg.n_z)
+        if cfg.logvar_init is not None:                               # e.g. -6: a precise posterior (std 0.05) at first
+            nn.init.constant_(self.encoder[-1].bias[cfg.n_z:], cfg.logvar_init)
         self.switch = mlp(d_model + cfg.n_h + cfg.n_z, cfg.enc_hidden, 1)
         nn.init.constant_(self.switch[-1].bias, cfg.switch_bias)
         self.hyper = hypernetwork(cfg.n_z, cfg.hyp_hidden, d_model, cfg.rank, cfg.zero_init_edit)
@@ -1308,9 +1317,16 @@ class Metacontroller(nn.Module):
         """Eq. (16) before its sigmoid: the switching unit's logit (n, 1) from e_t, h_t-1 and z_t-1."""
         return self.switch(torch.cat([e, h_prev, z_prev], -1))
 
+    def read(self, e: torch.Tensor) -> torch.Tensor:
+        """What the metacontroller reads of the residual stream: e itself, or with cfg.read_norm e normalised
+        over its D features, as the base model's own blocks read it (the raw stream's per-feature std is about
+        3.4 on the cpu base model, which saturates the GRUs' gates)."""
+        return F.layer_norm(e, e.shape[-1:]) if self.cfg.read_norm else e
+
     def gate_step(self, state, e: torch.Tensor, obs: torch.Tensor, z_prev: torch.Tensor):
         """The causal gate alone, one step at a time, for internal RL: fire = H(beta_t - 0.5) from
         (e_t, h_t-1, z_t-1) for e (n, D); state is h_t-1 (None before the first step, which always fires)."""
+        e = self.read(e)
         if state is None or self.cfg.force_switch:
             fire = torch.ones(len(e), dtype=torch.bool, device=e.device)
         else:
@@ -1320,8 +1336,9 @@ class Metacontroller(nn.Module):
 
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, sample: bool = True) -> dict:
         """e (B, T, D) residual stream at layer l; returns z (B, T, n_z), beta (B, T), mu, logvar and
-        the per-step Control."""
+        the per-step Control (which edits the raw stream e)."""
         B, T, D = e.shape
+        e = self.read(e)
         h, _ = self.history(e)                                        # h_1 .. h_T: (B, T, n_h)
         h_prev = F.pad(h, (0, 0, 1, 0))[:, :-1]                       # h_0 = 0 .. h_T-1
         s = self.sequence_embedding(e, lengths)

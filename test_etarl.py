@@ -670,6 +670,33 @@ def test_per_step_embedding_reads_the_future_and_ignores_padding():
     torch.testing.assert_close(whole, whole[:, :1].expand_as(whole))
 
 
+def test_read_norm_reads_the_stream_up_to_scale_and_edits_it_raw():
+    """MetaConfig(read_norm=True): the metacontroller reads LayerNorm(e_t), so scaling the residual stream leaves
+    its gate and codes unchanged (not so by default), and its edit U_t e_t, applied to the raw stream, scales along."""
+    torch.manual_seed(0)
+    e, lengths = torch.randn(2, 6, 32) + 0.5, torch.tensor([6, 4])
+    for read_norm in (True, False):
+        meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, read_norm=read_norm)).eval()
+        a, b = meta(e, lengths, sample=False), meta(3 * e, lengths, sample=False)
+        same = torch.allclose(a["beta"], b["beta"], atol=1e-5) and torch.allclose(a["mu"], b["mu"], atol=1e-5)
+        assert same == read_norm
+        edit = etarl.MetaControl(meta, lengths, sample=False)
+        assert torch.allclose(edit(3 * e), 3 * edit(e), atol=1e-4) == read_norm
+        z = torch.zeros(2, meta.cfg.n_z)                            # the internal-RL gate reads the same way
+        (_, h), (_, h3) = meta.gate_step(None, e[:, 0], None, z), meta.gate_step(None, 3 * e[:, 0], None, z)
+        assert torch.allclose(h, h3, atol=1e-5) == read_norm
+
+
+def test_logvar_init_starts_a_precise_posterior():
+    """MetaConfig(logvar_init=-6): the untrained encoder's posterior std is about exp(-3) = 0.05 on any input;
+    by default (PyTorch's init) it is about 1."""
+    torch.manual_seed(0)
+    e, lengths = torch.randn(4, 9, 32), torch.tensor([9, 9, 5, 2])
+    std = lambda **kw: (etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, **kw))(e, lengths)["logvar"] / 2).exp()
+    assert std(logvar_init=-6.0).sub(np.exp(-3)).abs().max() < 0.02
+    assert std().sub(1).abs().max() < 0.5
+
+
 def test_free_bits_stop_penalising_the_kl_below_the_floor(data):
     """MetaConfig(free_bits=f): each code dimension's KL (mean over valid steps) costs max(KL, f), so with a floor
     above every dimension's KL the penalty is the constant n_z f and the encoder's mean gets no KL gradient."""

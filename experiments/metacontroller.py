@@ -11,10 +11,13 @@ metacontroller, which the method itself never sees, to find out which part fails
       0 elsewhere); --code-input replaces the learned sequence embedding s that the encoder reads by the
       current subgoal (one-hot, every step), the new subgoal at the boundaries only (zeros elsewhere), or
       the task (one-hot). --kl-delay trains with alpha = 0 for its first steps (MetaConfig.kl_delay);
-      --logvar-bias starts the encoder's log-variance there instead of about 0; --encoder-reads s zeroes the
-      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s (h-s: zeroes e_t only); --per-step-embedding makes the learned
-      s per step (MetaConfig.per_step_embedding). Reports the held-out action
-      NLL, KL and the switching statistics of etarl.evaluate_metacontroller. About 5-6 minutes on one thread.
+      --logvar-bias starts the encoder's log-variance there (MetaConfig.logvar_init); --encoder-reads s zeroes the
+      encoder's other inputs (e_t, h_t-1), so that it reads nothing but s (h-s: zeroes e_t only);
+      --per-step-embedding makes the learned s per step (MetaConfig.per_step_embedding); --set FIELD=VALUE sets
+      any other MetaConfig field (kl_warmup, read_norm, gumbel_switch, switch_bias, ...); --save keeps the trained
+      metacontroller's weights. Reports the held-out action NLL, KL and the switching statistics of
+      etarl.evaluate_metacontroller, and where a soft gate puts its weight (mean beta at the true boundaries and
+      elsewhere, switch F1 at lower thresholds). About 5-6 minutes on one thread.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -42,11 +45,9 @@ class Oracle(etarl.Metacontroller):
     which `Labelled` hands it. The gate's oracle returns logits of +-30 (beta = 1 or about 1e-13)."""
 
     def __init__(self, d_model: int, layer: int, cfg: etarl.MetaConfig, gate: str, code_input: str,
-                 reads: str = "all", logvar_bias: float = 0.0):
+                 reads: str = "all"):
         super().__init__(d_model, layer, cfg)
         self.gate, self.code_input, self.labels, self.t = gate, code_input, None, 0
-        with torch.no_grad():
-            self.encoder[-1].bias[cfg.n_z:] = logvar_bias            # the log-variance half of the encoder's output
         if reads != "all":                            # zero the encoder's e_t input (h-s), and h_t-1 too (s)
             keep = torch.ones(d_model + cfg.n_h + cfg.n_s)
             keep[:d_model + (cfg.n_h if reads == "s" else 0)] = 0
@@ -104,20 +105,37 @@ def curve(values: list, every: int = 250) -> list:
 
 
 def oracle(args) -> dict:
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     run = etarl.Run("cpu", progress=False)
     model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
-    cfg = dataclasses.replace(run.cfg.meta, alpha=args.alpha, steps=args.steps, kl_delay=args.kl_delay,
-                              per_step_embedding=args.per_step_embedding)
+    cfg = dataclasses.replace(run.cfg.meta, **{"alpha": args.alpha, "steps": args.steps, "kl_delay": args.kl_delay,
+                                               "per_step_embedding": args.per_step_embedding,
+                                               "logvar_init": args.logvar_bias, **dict(args.set)})
     torch.manual_seed(args.seed)
-    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads,
-                  args.logvar_bias)
+    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
     t = time.time()
     meta, history = etarl.train_metacontroller(model, Labelled(train, meta), cfg, args.seed, progress=False, meta=meta)
     out = {"train_time_s": time.time() - t, "train_nll": curve(history["action_nll"]), "train_kl": curve(history["kl"]),
            **etarl.evaluate_metacontroller(model, meta, Labelled(test, meta))}
-    out["objective"] = out["action_nll"] + args.alpha * out["kl"]
+    out["objective"] = out["action_nll"] + cfg.alpha * out["kl"]
+    out.update(soft_switching(etarl.meta_outputs(model, meta, Labelled(test, meta))))
     print(json.dumps(out), flush=True)
+    if args.save:                                     # the Oracle's own state_dict (rebuild it with the same options)
+        torch.save(meta.state_dict(), args.save)
     return out
+
+
+def soft_switching(out: dict) -> dict:
+    """Where a soft gate puts its weight: the mean beta at the true boundaries and at the other steps (t > 0), and
+    the switch F1 when a switch is counted at beta > threshold instead of 0.5."""
+    later = out["mask"].copy()
+    later[:, 0] = False
+    boundary = etarl.true_boundaries(out["subgoal"], out["mask"])
+    f1 = {f"f1_beta_above_{c}": etarl.switch_alignment((out["beta"] > c).astype(float), out["subgoal"], out["mask"])["f1"]
+          for c in (0.05, 0.1, 0.2, 0.3)}
+    return {"beta_at_boundaries": float(out["beta"][boundary].mean()),
+            "beta_elsewhere": float(out["beta"][later & ~boundary].mean()), **{k: float(v) for k, v in f1.items()}}
 
 
 @torch.no_grad()
@@ -157,6 +175,23 @@ def decoder(args) -> dict:
     return out
 
 
+def meta_field(text: str) -> tuple:
+    """'kl_warmup=500' -> ('kl_warmup', 500), typed by MetaConfig's field; a clear error otherwise."""
+    name, _, value = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(etarl.MetaConfig)}
+    if name not in fields or not value:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {', '.join(fields)}; got {text!r}")
+    kind = fields[name] if isinstance(fields[name], str) else fields[name].__name__
+    if kind == "bool":
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"{name} takes true or false, not {value!r}")
+        return name, value.lower() in ("true", "1")
+    try:
+        return name, {"int": int, "float": float}.get(kind, float)(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a number, not {value!r}") from None
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -169,8 +204,12 @@ if __name__ == "__main__":
     o.add_argument("--alpha", type=float, default=0.1)
     o.add_argument("--steps", type=int, default=1500)
     o.add_argument("--kl-delay", type=int, default=0, help="steps with alpha = 0 first")
-    o.add_argument("--logvar-bias", type=float, default=0.0, help="initial bias of the encoder's log-variances")
+    o.add_argument("--logvar-bias", type=float, default=0.0,
+                   help="initial bias of the encoder's log-variances (MetaConfig.logvar_init)")
     o.add_argument("--per-step-embedding", action="store_true", help="the learned s is per step (MetaConfig option)")
+    o.add_argument("--save", default=None, help="save the trained metacontroller's state_dict here")
+    o.add_argument("--set", type=meta_field, action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other MetaConfig field, e.g. --set gumbel_switch=true --set kl_warmup=500")
     d = sub.add_parser("decoder")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--lr", type=float, default=1e-3)
