@@ -53,6 +53,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     parameters) instead of the raw stream, whose scale saturates its GRUs (the edit still applies to the raw
     stream). kl_delay, kl_warmup, logvar_init and read_norm together make the learned metacontroller use its
     code, with a soft gate that does not switch at the subgoal boundaries (README, "What does not work yet").
+    MetaConfig(kl_per_switch=True) departs from Eq. 3: each step's KL penalty is weighted by its beta, so a
+    code is paid for only when it is taken.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
@@ -229,6 +231,7 @@ class MetaConfig:
     free_bits: float = 0.0      # per code dimension, nats per step: the KL of a dimension is not penalised below it
     read_norm: bool = False     # the metacontroller reads LayerNorm(e_t) (no parameters), not the raw residual
     logvar_init: float | None = None  # start the encoder's log-variance biases here (None: PyTorch's default init)
+    kl_per_switch: bool = False  # weight each step's KL penalty by its beta (NOT Eq. 3, whose KL is unweighted)
     switch_temperature: float = 1.0
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
@@ -1373,14 +1376,16 @@ class MetaControl:
 
 def meta_loss(model: BaseModel, meta: Metacontroller, batch: dict, alpha: float, sample: bool = True) -> dict:
     """Eq. (3): sum_t -ln p(a_t | o_1:t, z_1:t) + alpha KL(N(mu_t, Sigma_t) || N(0, I)), both averaged over
-    the valid steps of the batch; the KL is not weighted by beta."""
+    the valid steps of the batch; the KL is not weighted by beta (cfg.kl_per_switch weights the penalty by beta,
+    not Eq. 3; the returned "kl" is always the unweighted rate)."""
     m = batch["mask"].float()
     control = MetaControl(meta, batch["mask"].sum(1), sample)
     out = model.loss(batch, control, obs_loss=meta.cfg.co_train)
     mu, logvar = control.out["mu"], control.out["logvar"]
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)                # (B, T, n_z)
-    kl = (kl * m[..., None]).sum((0, 1)) / m.sum()                     # (n_z,) mean over valid steps
-    penalty = kl.clamp(min=meta.cfg.free_bits).sum()                   # free bits: no pressure below the floor
+    cost = kl * control.out["beta"][..., None] if meta.cfg.kl_per_switch else kl   # a code is paid for when taken
+    kl, cost = ((x * m[..., None]).sum((0, 1)) / m.sum() for x in (kl, cost))      # (n_z,) means over valid steps
+    penalty = cost.clamp(min=meta.cfg.free_bits).sum()                 # free bits: no pressure below the floor
     return {"loss": out["action_nll"] + model.cfg.obs_weight * out["obs_nll"] + alpha * penalty,
             "action_nll": out["action_nll"], "kl": kl.sum(), **control.out}
 

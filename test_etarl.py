@@ -711,6 +711,19 @@ def test_free_bits_stop_penalising_the_kl_below_the_floor(data):
     assert kl_grad(a, plain).abs().max() > 0 and kl_grad(b, floored).abs().max() == 0
 
 
+def test_kl_per_switch_pays_only_for_the_codes_taken(data):
+    """MetaConfig(kl_per_switch=True), not Eq. 3: each step's KL is weighted by its beta in the penalty. With the
+    gate shut after t = 0 only the first code is paid for; the reported rate stays the unweighted KL."""
+    model, batch = etarl.freeze(_model()), data[0].batch(np.arange(8), "cpu")
+    plain, per_switch = _meta(model, switch_bias=-30.0), _meta(model, switch_bias=-30.0, kl_per_switch=True)
+    a = etarl.meta_loss(model, plain, batch, alpha=0.5, sample=False)
+    b = etarl.meta_loss(model, per_switch, batch, alpha=0.5, sample=False)
+    first = 0.5 * (a["mu"].pow(2) + a["logvar"].exp() - 1 - a["logvar"])[:, 0].sum() / batch["mask"].sum()
+    torch.testing.assert_close(b["kl"], a["kl"])
+    torch.testing.assert_close(b["loss"], b["action_nll"] + 0.5 * first)
+    assert a["loss"] > b["loss"] + 0.1 * first
+
+
 def test_kl_weight_waits_for_the_delay_then_ramps_to_alpha():
     """MetaConfig.kl_delay steps at alpha = 0, then a linear warm-up over kl_warmup steps; both 0: Eq. 3's alpha."""
     weights = lambda **kw: [etarl.kl_weight(s, etarl.MetaConfig(alpha=0.2, **kw)) for s in (0, 9, 10, 20, 30, 99)]
