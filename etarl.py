@@ -1538,7 +1538,11 @@ def switching_regime(stats: dict) -> str:
 
 
 def evaluate_metacontroller(model: BaseModel, meta: Metacontroller, data: Episodes) -> dict:
-    out = meta_outputs(model, meta, data)
+    return metacontroller_stats(meta_outputs(model, meta, data))
+
+
+def metacontroller_stats(out: dict) -> dict:
+    """Switch alignment, code purity, NLL, KL and the regime's name from meta_outputs' arrays."""
     stats = switch_alignment(out["beta"], out["subgoal"], out["mask"])
     stats.update(code_purity=code_purity(out), action_nll=out["action_nll"], kl=out["kl"])
     stats["regime"] = switching_regime(stats)

@@ -16,7 +16,7 @@ metacontroller, which the method itself never sees, to find out which part fails
       --per-step-embedding makes the learned s per step (MetaConfig.per_step_embedding); --set FIELD=VALUE sets
       any other MetaConfig field (kl_warmup, read_norm, gumbel_switch, switch_bias, ...); --save keeps the trained
       metacontroller's weights. Reports the held-out action NLL, KL and the switching statistics of
-      etarl.evaluate_metacontroller, and where a soft gate puts its weight (mean beta at the true boundaries and
+      etarl.metacontroller_stats, and where a soft gate puts its weight (mean beta at the true boundaries and
       elsewhere, switch F1 at lower thresholds). About 5-6 minutes on one thread.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
@@ -116,10 +116,11 @@ def oracle(args) -> dict:
     meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
     t = time.time()
     meta, history = etarl.train_metacontroller(model, Labelled(train, meta), cfg, args.seed, progress=False, meta=meta)
+    held_out = etarl.meta_outputs(model, meta, Labelled(test, meta))
     out = {"train_time_s": time.time() - t, "train_nll": curve(history["action_nll"]), "train_kl": curve(history["kl"]),
-           **etarl.evaluate_metacontroller(model, meta, Labelled(test, meta))}
+           **etarl.metacontroller_stats(held_out)}
     out["objective"] = out["action_nll"] + cfg.alpha * out["kl"]
-    out.update(soft_switching(etarl.meta_outputs(model, meta, Labelled(test, meta))))
+    out.update(soft_switching(held_out))
     print(json.dumps(out), flush=True)
     if args.save:                                     # the Oracle's own state_dict (rebuild it with the same options)
         torch.save(meta.state_dict(), args.save)
