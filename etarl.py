@@ -1846,8 +1846,9 @@ class InternalRL:
         out = rollout(self.model, task, n, seed, agent.at)              # the actions draw from their own stream
         rec = agent.record()
         valid = torch.arange(rec["fire"].shape[1], device=device) < torch.as_tensor(out["length"], device=device)[:, None]
-        return {"success": out["success"], "e": rec["e"], "z": rec["z"], "old_logp": rec["logp"],
-                "mask": rec["fire"] & valid, "decisions": (rec["fire"] & valid).sum(1).float().mean().item()}
+        return {"success": out["success"], "progress": out["progress"], "e": rec["e"], "z": rec["z"],
+                "old_logp": rec["logp"], "mask": rec["fire"] & valid,
+                "decisions": (rec["fire"] & valid).sum(1).float().mean().item()}
 
     def log_prob(self, batch: dict) -> torch.Tensor:
         mean, _ = self.policy(batch["e"])
@@ -1869,7 +1870,8 @@ class RawActionRL:
         out = rollout(self.model, task, n, seed, record=True)
         device = next(self.model.parameters()).device
         T = out["actions"].shape[1]
-        return {"success": out["success"], "obs": torch.as_tensor(out["obs"][:, :T], device=device),
+        return {"success": out["success"], "progress": out["progress"],
+                "obs": torch.as_tensor(out["obs"][:, :T], device=device),
                 "actions": torch.as_tensor(out["actions"], device=device),
                 "old_logp": torch.as_tensor(out["logp"], device=device),
                 "mask": torch.arange(T, device=device) < torch.as_tensor(out["length"], device=device)[:, None],
@@ -1902,15 +1904,17 @@ def ppo_update(learner, opt, batch: dict, cfg: RLConfig) -> None:
 
 def train_rl(learner, task, cfg: RLConfig, lr: float, seed: int = 0, progress: bool = True, desc: str = "RL") -> dict:
     """On-policy RL from the sparse reward: batches of episodes, one PPO update per batch. Returns the
-    success rate of every batch against the number of episodes run so far."""
+    success rate of every batch against the number of episodes run so far, and how far its episodes got
+    (mean colours completed), which shows learning before the first success does."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(learner.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    history = {"episodes": [], "success": [], "decisions": []}
+    history = {"episodes": [], "success": [], "progress": [], "decisions": []}
     n_batches = max(1, cfg.episodes // cfg.batch_episodes)
     for i in tqdm(range(n_batches), desc=desc, disable=not progress, leave=False):
         batch = learner.act(task, cfg.batch_episodes, seed * 10**7 + i * cfg.batch_episodes)
         history["episodes"].append((i + 1) * cfg.batch_episodes)
         history["success"].append(float(batch["success"].mean()))
+        history["progress"].append(float(batch["progress"].mean()))
         history["decisions"].append(batch["decisions"])
         ppo_update(learner, opt, batch, cfg)
     return history
@@ -2257,7 +2261,14 @@ def _with_defaults(saved: dict, current: dict) -> dict:
 
 
 def _json_save(obj, path):
-    Path(path).write_text(json.dumps(obj, indent=1))
+    """Write through a temporary file and rename it, so that a reader (another process using the same run
+    folder, or a resumed run after an interruption) never sees a half-written file."""
+    text, tmp = json.dumps(obj, indent=1), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _json_load(path):

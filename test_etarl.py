@@ -3,6 +3,7 @@ env = single env, cached = full forward, low-rank edit = e + U e), contracts (gy
 clear errors) and small runs that assert learning happened. `pytest` runs them all in a few minutes."""
 import json
 from collections import deque
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -868,6 +869,7 @@ def test_raw_action_replay_gives_the_log_probs_recorded_while_acting():
     batch = learner.act("0-1-2-3", 16, seed=2)
     m = batch["mask"]
     torch.testing.assert_close(learner.log_prob(batch)[m], batch["old_logp"][m], atol=1e-5, rtol=0)
+    assert ((batch["progress"] == 4) == batch["success"]).all()       # colours completed: 4 = the whole task
 
 
 class _Bandit:
@@ -882,7 +884,8 @@ class _Bandit:
     def act(self, task, n, seed):
         z = self.mean.detach() + torch.randn(n, 1, 2, generator=torch.Generator().manual_seed(seed))
         win = z[:, 0, 0] > 1 if self.depends else torch.rand(n, generator=torch.Generator().manual_seed(-seed - 1)) < 0.2
-        return {"success": win.numpy(), "z": z, "old_logp": self.log_prob({"z": z}).detach(),
+        return {"success": win.numpy(), "progress": win.numpy().astype(float), "z": z,
+                "old_logp": self.log_prob({"z": z}).detach(),
                 "mask": torch.ones(n, 1, dtype=torch.bool), "decisions": 1.0}
 
     def log_prob(self, batch):
@@ -1167,6 +1170,25 @@ def test_hawk_learns_to_remember_the_previous_observation():
     mean = out["out"]["logits"][..., :8].detach()
     corr = np.corrcoef(mean[:, 1:].reshape(-1).numpy(), b["actions"][:, 1:].reshape(-1).numpy())[0, 1]
     assert out["action_nll"].item() < first - 2 and corr > 0.4            # a memoryless model: about 0
+
+
+def test_run_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A run's JSON files are written whole or not at all: a write that breaks off keeps the previous file,
+    and no temporary file is left behind (processes share run folders, e.g. several diagnostic scripts)."""
+    path = tmp_path / "results.json"
+    etarl._json_save({"a": 1}, path)
+    write_text = Path.write_text
+
+    def broken_write(self, text):                                    # half the file, then the disk is full
+        write_text(self, text[:len(text) // 2])
+        raise OSError("no space left on device")
+    monkeypatch.setattr(Path, "write_text", broken_write)
+    with pytest.raises(OSError):
+        etarl._json_save({"a": 2, "b": [3] * 100}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": 1}
+    etarl._json_save({"a": 2}, path)
+    assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_ant_model_configuration_errors_are_named():

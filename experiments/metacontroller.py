@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import envs    # noqa: E402
 import etarl   # noqa: E402
 
 
@@ -109,21 +110,55 @@ def oracle(args) -> dict:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     run = etarl.Run("cpu", progress=False)
     model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
-    cfg = dataclasses.replace(run.cfg.meta, **{"alpha": args.alpha, "steps": args.steps, "kl_delay": args.kl_delay,
-                                               "per_step_embedding": args.per_step_embedding,
-                                               "logvar_init": args.logvar_bias, **dict(args.set)})
+    cfg = meta_config(run, vars(args))
     torch.manual_seed(args.seed)
     meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
     t = time.time()
     meta, history = etarl.train_metacontroller(model, Labelled(train, meta), cfg, args.seed, progress=False, meta=meta)
     held_out = etarl.meta_outputs(model, meta, Labelled(test, meta))
-    out = {"train_time_s": time.time() - t, "train_nll": curve(history["action_nll"]), "train_kl": curve(history["kl"]),
-           **etarl.metacontroller_stats(held_out)}
+    out = {"train_time_s": time.time() - t, "train_steps": len(history["loss"]), "train_nll": curve(history["action_nll"]),
+           "train_kl": curve(history["kl"]), **etarl.metacontroller_stats(held_out)}
     out["objective"] = out["action_nll"] + cfg.alpha * out["kl"]
     out.update(soft_switching(held_out))
     print(json.dumps(out), flush=True)
     if args.save:                                     # the Oracle's own state_dict (rebuild it with the same options)
         torch.save(meta.state_dict(), args.save)
+    return out
+
+
+def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
+    """The MetaConfig of an `oracle` run from its arguments (args of this run, or the "args" of its JSON)."""
+    return dataclasses.replace(run.cfg.meta, **{"alpha": args["alpha"], "steps": args["steps"],
+                                                "kl_delay": args["kl_delay"], "per_step_embedding": args["per_step_embedding"],
+                                                "logvar_init": args["logvar_bias"], **dict(args["set"])})
+
+
+def internal_rl(args) -> dict:
+    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`."""
+    spec = json.loads(Path(args.oracle_json).read_text())["args"]
+    if (spec["gate"], spec["code_input"], spec["encoder_reads"]) != ("learned", "learned", "all"):
+        raise SystemExit(f"{args.oracle_json}: internal RL needs a metacontroller without oracle parts (--gate learned, "
+                         f"--code-input learned, --encoder-reads all); this one had --gate {spec['gate']} --code-input "
+                         f"{spec['code_input']} --encoder-reads {spec['encoder_reads']}")
+    weights = args.weights or spec["save"]
+    run = etarl.Run("cpu", progress=False)
+    model, (_, test) = etarl.freeze(run.base_model()[0]), run.data()
+    meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, meta_config(run, spec))
+    meta.load_state_dict(torch.load(weights, map_location=next(model.parameters()).device))
+    meta = meta.to(next(model.parameters()).device).eval()
+    stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta, test))
+    print(json.dumps({k: stats[k] for k in ("f1", "switches_per_episode", "quasi_binary", "code_purity")}), flush=True)
+    cfg = dataclasses.replace(run.cfg.rl, episodes=args.episodes, lrs=tuple(args.lrs), seeds=args.seeds,
+                              task=args.task, methods=("internal",))
+    t = time.time()
+    result = etarl.rl_experiment({"internal": lambda: etarl.InternalRL(model, meta, cfg.hidden)},
+                                 envs.parse_task(cfg.task), cfg, progress=False)["internal"]
+    out = {"meta": stats, "rl_time_s": time.time() - t, "lr": result["lr"], "scan": result["scan"],
+           "final_success": result["final_success"], "runs": result["runs"],
+           "max_batch_success": max(max(h["success"]) for h in result["runs"]),
+           "progress_first_last": [[h["progress"][0], h["progress"][-1]] for h in result["runs"]]}
+    print(json.dumps({k: out[k] for k in ("rl_time_s", "lr", "scan", "final_success", "max_batch_success",
+                                          "progress_first_last")}), flush=True)
     return out
 
 
@@ -214,12 +249,19 @@ if __name__ == "__main__":
     d = sub.add_parser("decoder")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--lr", type=float, default=1e-3)
-    for p in (o, d):
+    r = sub.add_parser("rl")
+    r.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
+    r.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
+    r.add_argument("--task", default=etarl.RLConfig.task)
+    r.add_argument("--episodes", type=int, default=etarl.RLConfig.episodes, help="episodes per RL run")
+    r.add_argument("--lrs", type=float, nargs="+", default=list(etarl.RLConfig.lrs), help="the lr scan (seed 0)")
+    r.add_argument("--seeds", type=int, default=etarl.RLConfig.seeds)
+    for p in (o, d, r):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"args": vars(args), **{"oracle": oracle, "decoder": decoder}[args.command](args)}
+    result = {"args": vars(args), **{"oracle": oracle, "decoder": decoder, "rl": internal_rl}[args.command](args)}
     path = args.out or f"experiments/metacontroller-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
