@@ -786,6 +786,17 @@ def test_switch_alignment_scores_known_cases():
     assert etarl.switching_regime(s) == "always switching"
 
 
+def test_segments_tile_each_episode_from_switch_to_switch():
+    """Segments start at t = 0 and at every switch (beta > 0.5) within the episode's length, and end where the
+    next one starts; a segment's code is z at its last step."""
+    beta = np.array([[0.2, 0.1, 0.9, 0.3, 0.6, 0.0], [0.0, 0.7, 0.0, 0.0, 0.9, 0.9]])    # row 2: length 4
+    mask = np.arange(6) < np.array([[6], [4]])
+    z = np.arange(12, dtype=float).reshape(2, 6, 1)
+    out = {"beta": beta, "mask": mask, "z": z, "subgoal": np.zeros((2, 6), np.int64)}
+    assert etarl.segments(out).tolist() == [[0, 0, 2], [0, 2, 4], [0, 4, 6], [1, 0, 1], [1, 1, 4]]
+    assert etarl.segment_codes(out)[0][:, 0].tolist() == [1, 3, 5, 6, 9]
+
+
 def test_code_purity_is_one_for_codes_that_name_their_subgoal():
     """Segments whose codes cluster by subgoal have purity 1; random codes do not."""
     rng = np.random.default_rng(0)

@@ -1,8 +1,10 @@
-"""Why the metacontroller collapses on the gridworld: the diagnostics behind the README's numbers.
+"""Why the metacontroller collapses on the gridworld, and what it learns when it does not: the diagnostics
+behind the README's numbers.
 
-Both commands run on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), print one line per
-measurement and write a JSON file. They hand the truth (subgoal labels, boundaries, the task) to parts of the
-metacontroller, which the method itself never sees, to find out which part fails.
+Every command runs on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), prints one line per
+measurement and writes a JSON file. `oracle` and `decoder` can hand the truth (subgoal labels, boundaries, the
+task) to parts of the metacontroller, which the method itself never sees, to find out which part fails; `codes`
+and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained.
 
   python experiments/metacontroller.py oracle [--gate oracle] [--code-input subgoal|boundary|task]
                                               [--alpha 0.1] [--steps 1500] [--kl-delay 0] [--logvar-bias 0]
@@ -18,6 +20,18 @@ metacontroller, which the method itself never sees, to find out which part fails
       metacontroller's weights. Reports the held-out action NLL, KL and the switching statistics of
       etarl.metacontroller_stats, and where a soft gate puts its weight (mean beta at the true boundaries and
       elsewhere, switch F1 at lower thresholds). About 5-6 minutes on one thread.
+
+  python experiments/metacontroller.py codes ORACLE.json [--weights W.pt] [--injection]
+      what the codes of a metacontroller saved by `oracle --gate learned --save W.pt` encode (ORACLE.json: the
+      JSON that run wrote, which names its options and weights): over the held-out segments between switches,
+      probes (softmax regression and an MLP, trained on half the segments) from the segment's code to its
+      subgoal, the colour the expert heads to at its start and the expert's first move, and a linear fit of that
+      colour's row and column; --injection adds etarl.code_injection. About 2 minutes (6 with --injection).
+
+  python experiments/metacontroller.py rl ORACLE.json [--weights W.pt] [--task 0-1-2-...] [--episodes 6144]
+                                          [--lrs 3e-4 3e-3] [--seeds 3]
+      internal RL (the pipeline's etarl.InternalRL and etarl.rl_experiment) on such a saved metacontroller:
+      success and episode progress per batch. About 40 s per RL run of 6,144 episodes on one thread.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -133,19 +147,25 @@ def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
                                                 "logvar_init": args["logvar_bias"], **dict(args["set"])})
 
 
-def internal_rl(args) -> dict:
-    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`."""
-    spec = json.loads(Path(args.oracle_json).read_text())["args"]
+def load_saved(oracle_json: str, weights: str | None):
+    """The cpu run's frozen base model, held-out episodes and the metacontroller that an `oracle --gate learned
+    --save W.pt` run trained (its options read from the JSON it wrote), as a plain etarl.Metacontroller."""
+    spec = json.loads(Path(oracle_json).read_text())["args"]
     if (spec["gate"], spec["code_input"], spec["encoder_reads"]) != ("learned", "learned", "all"):
-        raise SystemExit(f"{args.oracle_json}: internal RL needs a metacontroller without oracle parts (--gate learned, "
+        raise SystemExit(f"{oracle_json}: this needs a metacontroller without oracle parts (--gate learned, "
                          f"--code-input learned, --encoder-reads all); this one had --gate {spec['gate']} --code-input "
                          f"{spec['code_input']} --encoder-reads {spec['encoder_reads']}")
-    weights = args.weights or spec["save"]
     run = etarl.Run("cpu", progress=False)
     model, (_, test) = etarl.freeze(run.base_model()[0]), run.data()
+    device = next(model.parameters()).device
     meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, meta_config(run, spec))
-    meta.load_state_dict(torch.load(weights, map_location=next(model.parameters()).device))
-    meta = meta.to(next(model.parameters()).device).eval()
+    meta.load_state_dict(torch.load(weights or spec["save"], map_location=device))
+    return run, model, test, meta.to(device).eval()
+
+
+def internal_rl(args) -> dict:
+    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`."""
+    run, model, test, meta = load_saved(args.oracle_json, args.weights)
     stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta, test))
     print(json.dumps({k: stats[k] for k in ("f1", "switches_per_episode", "quasi_binary", "code_purity")}), flush=True)
     cfg = dataclasses.replace(run.cfg.rl, episodes=args.episodes, lrs=tuple(args.lrs), seeds=args.seeds,
@@ -160,6 +180,59 @@ def internal_rl(args) -> dict:
     print(json.dumps({k: out[k] for k in ("rl_time_s", "lr", "scan", "final_success", "max_batch_success",
                                           "progress_first_last")}), flush=True)
     return out
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, hidden: int, seed: int = 0, steps: int = 3000) -> tuple:
+    """Held-out accuracy of a classifier of y from x (softmax regression, or an MLP with two hidden layers),
+    trained on a random half of the rows, and the majority class's share of the other half, where it is tested."""
+    torch.manual_seed(seed)
+    idx = np.random.default_rng(seed).permutation(len(y))
+    train, test = idx[:len(y) // 2], idx[len(y) // 2:]
+    majority = float(np.bincount(y[test]).max() / len(test))
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    k = int(y.max()) + 1
+    layers = [torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+              torch.nn.Linear(hidden, k)] if hidden else [torch.nn.Linear(x.shape[1], k)]
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = F.cross_entropy(net(x[train]), y[train])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((net(x[test]).argmax(1) == y[test]).float().mean()), majority
+
+
+def linear_r2(x: np.ndarray, y: np.ndarray) -> float:
+    """R^2 of the least-squares affine fit of y from x (in-sample; x has few columns against many rows)."""
+    x1 = np.c_[x, np.ones(len(x))]
+    w = np.linalg.lstsq(x1, y, rcond=None)[0]
+    return float(1 - ((y - x1 @ w) ** 2).mean() / y.var())
+
+
+def codes(args) -> dict:
+    """What a saved metacontroller's codes encode: for every switch-delimited held-out segment, its code (z at
+    its last step) against the segment's subgoal, the colour the expert heads to at its start, that colour's row
+    and column on the grid, and the expert's first move; then code injection (etarl.code_injection)."""
+    _, model, test, meta = load_saved(args.oracle_json, args.weights)
+    out = etarl.meta_outputs(model, meta, test)
+    seg = etarl.segments(out)
+    z, subgoal = etarl.segment_codes(out)
+    i, a = seg[:, 0], seg[:, 1]
+    colour = test.target[i, a]
+    row, col = np.divmod(test.colour_cells[i, colour], test.grid_size)
+    labels = {"subgoal": subgoal, "target_colour": colour, "first_move": test.actions[i, a]}
+    result = {"segments": len(seg), "code_purity": etarl.code_purity(out), "code_std": [round(float(v), 3) for v in z.std(0)],
+              "target_row_r2": linear_r2(z, row), "target_col_r2": linear_r2(z, col)}
+    for name, y in labels.items():
+        result[f"{name}_linear_probe"], result[f"{name}_majority"] = probe_accuracy(z, y.astype(np.int64), 0)
+        result[f"{name}_mlp_probe"] = probe_accuracy(z, y.astype(np.int64), 256)[0]
+    print(json.dumps(result), flush=True)
+    if args.injection:
+        result["injection"] = etarl.code_injection(model, meta, test, n=200)
+        print(json.dumps(result["injection"]), flush=True)
+    return result
 
 
 def soft_switching(out: dict) -> dict:
@@ -256,12 +329,16 @@ if __name__ == "__main__":
     r.add_argument("--episodes", type=int, default=etarl.RLConfig.episodes, help="episodes per RL run")
     r.add_argument("--lrs", type=float, nargs="+", default=list(etarl.RLConfig.lrs), help="the lr scan (seed 0)")
     r.add_argument("--seeds", type=int, default=etarl.RLConfig.seeds)
-    for p in (o, d, r):
+    c = sub.add_parser("codes")
+    c.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
+    c.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
+    c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; ~2 min)")
+    for p in (o, d, r, c):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"args": vars(args), **{"oracle": oracle, "decoder": decoder, "rl": internal_rl}[args.command](args)}
+    result = {"args": vars(args), **{"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes}[args.command](args)}
     path = args.out or f"experiments/metacontroller-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
