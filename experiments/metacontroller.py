@@ -26,12 +26,14 @@ and `rl` analyse and use a label-free metacontroller that `oracle --gate learned
       JSON that run wrote, which names its options and weights): over the held-out segments between switches,
       probes (softmax regression and an MLP, trained on half the segments) from the segment's code to its
       subgoal, the colour the expert heads to at its start and the expert's first move, and a linear fit of that
-      colour's row and column; --injection adds etarl.code_injection. About 2 minutes (6 with --injection).
+      colour's row and column; --injection adds etarl.code_injection. A few minutes on one thread, more with
+      --injection.
 
   python experiments/metacontroller.py rl ORACLE.json [--weights W.pt] [--task 0-1-2-...] [--episodes 6144]
                                           [--lrs 3e-4 3e-3] [--seeds 3]
       internal RL (the pipeline's etarl.InternalRL and etarl.rl_experiment) on such a saved metacontroller:
-      success and episode progress per batch. About 40 s per RL run of 6,144 episodes on one thread.
+      success and episode progress per batch, and the uncontrolled model's on the same task. About 10-15 s per
+      RL run of 6,144 episodes on the 12-colour task on one thread (most episodes end early).
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -151,10 +153,14 @@ def load_saved(oracle_json: str, weights: str | None):
     """The cpu run's frozen base model, held-out episodes and the metacontroller that an `oracle --gate learned
     --save W.pt` run trained (its options read from the JSON it wrote), as a plain etarl.Metacontroller."""
     spec = json.loads(Path(oracle_json).read_text())["args"]
+    if spec.get("command") != "oracle":
+        raise SystemExit(f"{oracle_json} was written by `{spec.get('command')}`; give the JSON of an `oracle` run")
     if (spec["gate"], spec["code_input"], spec["encoder_reads"]) != ("learned", "learned", "all"):
         raise SystemExit(f"{oracle_json}: this needs a metacontroller without oracle parts (--gate learned, "
                          f"--code-input learned, --encoder-reads all); this one had --gate {spec['gate']} --code-input "
                          f"{spec['code_input']} --encoder-reads {spec['encoder_reads']}")
+    if not (weights or spec["save"]):
+        raise SystemExit(f"{oracle_json}: that run kept no weights (no --save); pass them with --weights")
     run = etarl.Run("cpu", progress=False)
     model, (_, test) = etarl.freeze(run.base_model()[0]), run.data()
     device = next(model.parameters()).device
@@ -164,21 +170,28 @@ def load_saved(oracle_json: str, weights: str | None):
 
 
 def internal_rl(args) -> dict:
-    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`."""
+    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`:
+    for each run at the chosen lr, the mean batch success and progress (colours completed per episode) over its
+    first and last 8 batches and how many batches had unequal returns (the others give PPO no update); and the
+    uncontrolled base model's success and progress on the same task."""
     run, model, test, meta = load_saved(args.oracle_json, args.weights)
     stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta, test))
     print(json.dumps({k: stats[k] for k in ("f1", "switches_per_episode", "quasi_binary", "code_purity")}), flush=True)
     cfg = dataclasses.replace(run.cfg.rl, episodes=args.episodes, lrs=tuple(args.lrs), seeds=args.seeds,
                               task=args.task, methods=("internal",))
-    t = time.time()
-    result = etarl.rl_experiment({"internal": lambda: etarl.InternalRL(model, meta, cfg.hidden)},
-                                 envs.parse_task(cfg.task), cfg, progress=False)["internal"]
-    out = {"meta": stats, "rl_time_s": time.time() - t, "lr": result["lr"], "scan": result["scan"],
-           "final_success": result["final_success"], "runs": result["runs"],
-           "max_batch_success": max(max(h["success"]) for h in result["runs"]),
-           "progress_first_last": [[h["progress"][0], h["progress"][-1]] for h in result["runs"]]}
-    print(json.dumps({k: out[k] for k in ("rl_time_s", "lr", "scan", "final_success", "max_batch_success",
-                                          "progress_first_last")}), flush=True)
+    task, t = envs.parse_task(cfg.task), time.time()
+    result = etarl.rl_experiment({"internal": lambda: etarl.InternalRL(model, meta, cfg.hidden)}, task, cfg,
+                                 progress=False)["internal"]
+    ends = lambda v: [round(float(np.mean(v[:8])), 4), round(float(np.mean(v[-8:])), 4)]
+    uncontrolled = etarl.rollout(model, task, 2000, 10**8)
+    out = {"meta": stats, "seconds_per_rl_run": (time.time() - t) / (len(cfg.lrs) + cfg.seeds - 1),
+           "lr": result["lr"], "scan": result["scan"], "final_success": result["final_success"],
+           "success_first_last_8": [ends(h["success"]) for h in result["runs"]],
+           "progress_first_last_8": [ends(h["progress"]) for h in result["runs"]],
+           "batches_with_unequal_returns": [sum(0 < v < 1 for v in h["success"]) for h in result["runs"]],
+           "uncontrolled_success": float(uncontrolled["success"].mean()),
+           "uncontrolled_progress": float(uncontrolled["progress"].mean()), "runs": result["runs"]}
+    print(json.dumps({k: v for k, v in out.items() if k not in ("meta", "runs")}), flush=True)
     return out
 
 
@@ -332,9 +345,10 @@ if __name__ == "__main__":
     c = sub.add_parser("codes")
     c.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
     c.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
-    c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; ~2 min)")
-    for p in (o, d, r, c):
+    c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
+    for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
+    for p in (o, d, r, c):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
