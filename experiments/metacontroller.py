@@ -236,7 +236,8 @@ def codes(args) -> dict:
     colour = test.target[i, a]
     row, col = np.divmod(test.colour_cells[i, colour], test.grid_size)
     labels = {"subgoal": subgoal, "target_colour": colour, "first_move": test.actions[i, a]}
-    result = {"segments": len(seg), "code_purity": etarl.code_purity(out), "code_std": [round(float(v), 3) for v in z.std(0)],
+    result = {"segments": len(seg), "code_purity": etarl.code_purity(out),
+              "code_std": [round(float(v), 3) for v in z.std(0)],
               "target_row_r2": linear_r2(z, row), "target_col_r2": linear_r2(z, col)}
     for name, y in labels.items():
         result[f"{name}_linear_probe"], result[f"{name}_majority"] = probe_accuracy(z, y.astype(np.int64), 0)
@@ -335,16 +336,14 @@ if __name__ == "__main__":
     d = sub.add_parser("decoder")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--lr", type=float, default=1e-3)
-    r = sub.add_parser("rl")
-    r.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
-    r.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
+    r, c = sub.add_parser("rl"), sub.add_parser("codes")
+    for p in (r, c):                                  # both use a metacontroller that `oracle --save` kept
+        p.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
+        p.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
     r.add_argument("--task", default=etarl.RLConfig.task)
     r.add_argument("--episodes", type=int, default=etarl.RLConfig.episodes, help="episodes per RL run")
     r.add_argument("--lrs", type=float, nargs="+", default=list(etarl.RLConfig.lrs), help="the lr scan (seed 0)")
     r.add_argument("--seeds", type=int, default=etarl.RLConfig.seeds)
-    c = sub.add_parser("codes")
-    c.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
-    c.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
@@ -353,6 +352,7 @@ if __name__ == "__main__":
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"args": vars(args), **{"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes}[args.command](args)}
+    command = {"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes}[args.command]
+    result = {"args": vars(args), **command(args)}
     path = args.out or f"experiments/metacontroller-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
