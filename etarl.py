@@ -870,7 +870,10 @@ class BaseModel(nn.Module):
 class Control:
     """A linear edit of the residual stream, e <- e + U e, before block `layer`, in one of three forms:
 
-      low rank:  U = B A^T with A, B (..., D, R), applied as (e A) B^T in O(D R) per token;
+      low rank:  U = B A^T with A, B (..., D, R), applied as (e A) B^T in O(D R) per token; with `mix`
+                 (..., J) given, A and B are shared banks (J, D, R) mixed per token, A = sum_j mix_j A_j and
+                 B likewise, applied as e A = sum_j mix_j (e A_j), then B (e A), so that neither factor is built
+                 per token (a low-rank hypernetwork's last layer, or a one-hot choice among controllers);
       mixture:   U = sum_j mix_j bank_j + bias, a per-token mixture (..., J) of J shared full matrices
                  bank (J, D, D), applied as sum_j mix_j (bank_j e) + bias e: full rank without a D x D
                  matrix per token (a hypernetwork's last layer, or a one-hot choice among controllers);
@@ -889,6 +892,11 @@ class Control:
         """U e for e (B, T, D)."""
         if self.U is not None:
             return (self.U @ e[..., None])[..., 0]                    # (B, T, D)
+        if self.A is not None and self.mix is not None:                # low-rank banks (J, D, R)
+            J, D, R = self.A.shape
+            eA = (e @ self.A.transpose(0, 1).reshape(D, J * R)).unflatten(-1, (J, R))   # (B, T, J, R): e A_j
+            v = (self.mix[..., None] * eA).sum(-2)                    # (B, T, R): e A
+            return (self.mix[..., None] * v[..., None, :]).flatten(-2) @ self.B.transpose(1, 2).reshape(J * R, D)
         if self.bank is not None:
             edits = torch.einsum("jde,...e->...jd", self.bank, e)     # (B, T, J, D): every bank_j e
             out = (self.mix[..., None] * edits).sum(-2)
@@ -897,7 +905,7 @@ class Control:
 
     def step_view(self) -> "Control":
         """The same control for one time step: per-episode tensors (B, D, R), (B, D, D) or (B, J) gain the T axis."""
-        add_t = lambda x: x if x is None or x.dim() < 3 else x[:, None]
+        add_t = lambda x: x if x is None or x.dim() < 3 or self.mix is not None else x[:, None]   # banks stay
         mix = self.mix if self.mix is None or self.mix.dim() < 2 else self.mix[:, None]
         return Control(self.layer, add_t(self.A), add_t(self.B), add_t(self.U), mix, self.bank, self.bias)
 
@@ -1120,7 +1128,7 @@ class SubgoalControllers(nn.Module):
         """The control that applies subgoal[b, t]'s controller at every step; subgoal (B, T) or (B,)."""
         k = subgoal.clamp(min=0)
         if self.rank > 0:
-            return Control(self.layer, A=self.A[k], B=self.B[k])
+            return Control(self.layer, A=self.A, B=self.B, mix=F.one_hot(k, len(self.A)).to(self.A.dtype))
         return Control(self.layer, mix=F.one_hot(k, len(self.U)).to(self.U.dtype), bank=self.U)
 
 
@@ -1268,13 +1276,14 @@ def hypernetwork(n_z: int, hidden: int, D: int, rank: int, zero_edit: bool = Fal
 
 
 def hyper_control(hyper: nn.Module, z: torch.Tensor, layer: int, D: int, rank: int) -> Control:
-    """A hypernetwork's output for codes z (..., n_z) read as a controller at `layer`: the two factors of a
-    rank-R U = B A^T, or, when rank is 0, a full U = W h + b (h the hidden units, W and b the last layer's
-    weight and bias) kept as a mixture of J = len(h) shared D x D matrices, never one per token."""
-    if rank > 0:
-        A, B = hyper(z).unflatten(-1, (2, D, rank)).unbind(-3)          # (..., D, R) each
-        return Control(layer, A=A, B=B)
+    """A hypernetwork's output for codes z (..., n_z) read as a controller at `layer`. Its last layer is linear,
+    W h + b in the hidden units h, so the output is a per-token mixture of J = len(h) + 1 shared tensors (the
+    columns of W, and b mixed by 1): the two factors of a rank-R U = B A^T as banks (J, D, R), or, when rank is
+    0, a full U as a bank (J - 1, D, D) plus b. Neither factor nor U is ever built per token."""
     last = hyper[-1]
+    if rank > 0:                                                      # the output's bias is one more bank, mixed by 1
+        A, B = torch.cat([last.weight, last.bias[:, None]], 1).T.reshape(-1, 2, D, rank).unbind(1)   # (J, D, R)
+        return Control(layer, A=A, B=B, mix=F.pad(hyper[:-1](z), (0, 1), value=1.0))
     return Control(layer, mix=hyper[:-1](z), bank=last.weight.T.reshape(-1, D, D), bias=last.bias.view(D, D))
 
 
@@ -1322,6 +1331,13 @@ class Metacontroller(nn.Module):
         """Eq. (16) before its sigmoid: the switching unit's logit (n, 1) from e_t, h_t-1 and z_t-1."""
         return self.switch(torch.cat([e, h_prev, z_prev], -1))
 
+    def switch_logits(self, e: torch.Tensor, h_prev: torch.Tensor):
+        """switch_logit over a whole sequence, for forward's loop: its first layer's e_t, h_t-1 part is computed for
+        every step at once (B, T, hidden); the returned logit(t, z_t-1) adds z_t-1's part and finishes the MLP."""
+        first, n_z = self.switch[0], self.cfg.n_z
+        pre = F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-n_z], first.bias).unbind(1)   # one grad copy
+        return lambda t, z_prev: self.switch[1:](pre[t] + z_prev @ first.weight[:, -n_z:].T)
+
     def read(self, e: torch.Tensor) -> torch.Tensor:
         """What the metacontroller reads of the residual stream: e itself, or with cfg.read_norm e normalised
         over its D features, as the base model's own blocks read it (the raw stream's per-feature std is about
@@ -1349,13 +1365,13 @@ class Metacontroller(nn.Module):
         s = self.sequence_embedding(e, lengths)
         mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
         z_tilde = mu + (logvar / 2).exp() * torch.randn_like(mu) if sample else mu    # Eq. (15)
+        logit_at = self.switch_logits(e, h_prev)
         z, zs, betas = torch.zeros(B, self.cfg.n_z, device=e.device), [], []
-        steps = zip(e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1))  # unbind: one gradient copy, not T
-        for t, (e_t, h_prev_t, z_tilde_t) in enumerate(steps):
+        for t, z_tilde_t in enumerate(z_tilde.unbind(1)):             # unbind: one gradient copy, not T
             if self.cfg.force_switch or t == 0:                       # at t = 0 there is no code to keep
                 beta = torch.ones(B, 1, device=e.device)
             else:
-                logit = self.switch_logit(e_t, h_prev_t, z)                               # Eq. (16)
+                logit = logit_at(t, z)                                                    # Eq. (16)
                 beta = gumbel_sigmoid(logit, self.cfg.switch_temperature) if self.cfg.gumbel_switch and \
                     self.training else torch.sigmoid(logit)
             z = beta * z_tilde_t + (1 - beta) * z                     # Eq. (17)
@@ -1538,11 +1554,15 @@ def code_purity(outputs: dict, n_subgoals: int = 4, seed: int = 0) -> float:
 
 
 def switching_regime(stats: dict) -> str:
-    """Name the regime a run ended in: the two failure modes, or subgoal-aligned switching."""
+    """Name the regime a run ended in: the two failure modes, switches that miss the subgoal boundaries (F1 below
+    0.2, less than switching at random times would score), or subgoal-aligned switching (F1 >= 0.9; partially
+    in between)."""
     if stats["switches_per_episode"] < 1.5:
         return "collapsed (about one code per episode)"
     if stats["switches_per_episode"] > 2 * stats["subgoals_per_episode"]:
         return "always switching"
+    if stats["f1"] < 0.2:
+        return "misaligned (switches away from the subgoal boundaries)"
     return "aligned" if stats["f1"] >= 0.9 else "partially aligned"
 
 
@@ -1596,20 +1616,31 @@ def load_meta(path, device=None):
 
 
 def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, test: Episodes, meta_cfg: MetaConfig,
-                    sweep: SweepConfig, progress: bool = True) -> list[dict]:
+                    sweep: SweepConfig, progress: bool = True, points_file=None) -> list[dict]:
     """Fig. 7: for each alpha and seed, train a metacontroller on the frozen base model and one jointly with a
-    fresh base model (co-trained); record distortion (action NLL), rate (KL) and switch alignment."""
-    device, rows = next(base.parameters()).device, []
+    fresh base model (co-trained); record distortion (action NLL), rate (KL), switch alignment and the point's
+    wall time. With `points_file`, every finished point is saved there at once and skipped when the sweep
+    starts again, so an interrupted sweep resumes."""
+    device = next(base.parameters()).device
     points = [(co, a, s) for co in (False, True) for a in sweep.alphas for s in range(sweep.seeds)]
+    key = lambda row: (row["base"] == "co-trained", row["alpha"], row["seed"])
+    saved = _json_load(points_file) if points_file is not None and Path(points_file).exists() else []
+    rows = [r for r in saved if key(r) in points]                     # points of another sweep are dropped
+    done = {key(r) for r in rows}
     for co_train, alpha, seed in tqdm(points, desc="rate-distortion", disable=not progress):
-        cfg = dataclasses.replace(meta_cfg, alpha=alpha, co_train=co_train,
-                                  steps=sweep.co_train_steps if co_train else sweep.steps)
+        if (co_train, alpha, seed) in done:
+            continue
+        name = "co-trained" if co_train else "frozen"
+        t0, cfg = time.time(), dataclasses.replace(meta_cfg, alpha=alpha, co_train=co_train,
+                                                   steps=sweep.co_train_steps if co_train else sweep.steps)
         torch.manual_seed(seed)
         model = build_model(model_cfg, base.env).to(device) if co_train else base
         meta, _ = train_metacontroller(model, train, cfg, seed, progress=False)
-        rows.append({"base": "co-trained" if co_train else "frozen", "alpha": alpha, "seed": seed,
-                     **evaluate_metacontroller(model, meta, test)})
-    return rows
+        rows.append({"base": name, "alpha": alpha, "seed": seed, **evaluate_metacontroller(model, meta, test),
+                     "seconds": round(time.time() - t0, 1)})
+        if points_file is not None:
+            _json_save(rows, points_file)
+    return sorted(rows, key=lambda row: points.index(key(row)))      # resumed or not, rows in sweep order
 
 
 # ==================================================================================================
@@ -2205,7 +2236,8 @@ class Run:
             if not force:
                 require_gate(self.gate(), "rate-distortion sweep", self.env)
             return rate_distortion(freeze(self.base_model()[0]), self.cfg.model, self.meta_data(), self.data()[1],
-                                   self.cfg.meta, self.cfg.sweep, self.progress)
+                                   self.cfg.meta, self.cfg.sweep, self.progress,
+                                   points_file=self.dir / "rate_distortion_points.json")
         return self._stage("rate_distortion", "rate_distortion.json", make, _json_save, _json_load)
 
     def times(self) -> dict:
@@ -2352,7 +2384,9 @@ def plot_rate_distortion(rows: list):
         sc = ax.scatter([r["action_nll"] for r in pts], [r["kl"] for r in pts], c=[r["f1"] for r in pts],
                         marker=marker, vmin=0, vmax=1, cmap="viridis", label=base, edgecolors="k")
     fig.colorbar(sc, label="switch F1")
-    ax.set(xlabel="distortion: action NLL", ylabel="rate: KL", title="Rate-distortion (Fig. 7)")
+    ax.set_yscale("symlog", linthresh=1e-3)                           # collapsed runs sit near 0, others at tens
+    ax.set(xlabel="distortion: action NLL per step", ylabel="rate: KL per step (nats)",
+           title="Rate-distortion (Fig. 7)")
     ax.legend()
     fig.tight_layout()
     return fig

@@ -334,6 +334,25 @@ def test_low_rank_edit_equals_explicit_matrix():
         torch.testing.assert_close(etarl.Control(0, U=U)(e), explicit)
 
 
+def test_low_rank_mixture_edit_equals_explicit_factors():
+    """A low-rank hypernetwork and low-rank subgoal controllers mix shared banks per token instead of building
+    A and B per token, and still apply U e = B A^T e with the factors they define: in a whole-sequence pass, in
+    one step of a rollout (step_view) and for some of the episodes (rows)."""
+    torch.manual_seed(0)
+    e, hyper, z = torch.randn(3, 5, 16), etarl.mlp(8, 6, 2 * 16 * 4), torch.randn(3, 5, 8)
+    A, B = hyper(z).unflatten(-1, (2, 16, 4)).unbind(-3)              # the factors, per token
+    torch.testing.assert_close(etarl.hyper_control(hyper, z, 0, 16, rank=4)(e), etarl.Control(0, A=A, B=B)(e))
+    step = etarl.hyper_control(hyper, z[:, 0], 0, 16, rank=4).step_view()
+    torch.testing.assert_close(step(e[:, :1]), etarl.Control(0, A=A[:, :1], B=B[:, :1])(e[:, :1]))
+    rows = torch.tensor([2, 0])
+    explicit = etarl.Control(0, A=A[rows, :1], B=B[rows, :1])(e[rows, :1])
+    torch.testing.assert_close(step.rows(rows)(e[rows, :1]), explicit)
+    ctrl = etarl.SubgoalControllers(4, 16, layer=0, rank=4)
+    torch.nn.init.normal_(ctrl.B)
+    k = torch.randint(0, 4, (3, 5))
+    torch.testing.assert_close(ctrl(k)(e), etarl.Control(0, A=ctrl.A[k], B=ctrl.B[k])(e))
+
+
 def test_full_rank_mixture_edit_equals_explicit_matrix():
     """The full-rank forms never build a D x D matrix per token and still apply U e exactly: a mixture of
     shared matrices, a full-rank hypernetwork (U = W h + b) and full-rank subgoal controllers."""
@@ -541,15 +560,21 @@ def test_rollout_that_drops_ended_episodes_plays_the_same_episodes(control, data
         assert 0.1 < records[0]["fire"][:, 1:][torch.as_tensor(live[:, 1:])].float().mean() < 0.9
 
 
-def test_ant_rollout_that_drops_ended_episodes_plays_the_same_episodes():
-    """The same cut in the ant world, greedy and without control: a smaller batch rounds its matmuls differently
-    (1e-7), and the ant's physics grows that into visible torques within tens of steps, so sampled or controlled
-    episodes drift apart; these ones end at the same steps with the same progress."""
-    cut, full = (etarl.rollout(_ant_model(), "0-1", n=6, seed=5, greedy=True, max_steps=200, drop_ended=drop)
-                 for drop in (True, False))
-    assert len(set(full["length"].tolist())) > 1
-    for k in ("length", "progress", "success"):
-        np.testing.assert_array_equal(cut[k], full[k])
+def test_cut_cache_steps_the_kept_episodes_as_the_whole_batch():
+    """What the ant's rollout relies on when it drops ended episodes, checked directly (a whole ant rollout
+    cannot be: a smaller batch rounds its matmuls differently, 1e-7, and the physics grows that into other
+    episodes, differently on one thread and on two): after BaseModel.keep_episodes, the attention's key/value
+    cache and the Hawk's recurrent state step the kept episodes exactly as the whole batch steps them."""
+    for model in (_model(), _hawk()):
+        obs = torch.randn(6, 10, model.obs_dim)
+        keep = torch.tensor([0, 2, 5])
+        whole, cut = model.new_cache(), model.new_cache()
+        for t in range(10):
+            if t == 4:
+                model.keep_episodes(cut, keep)
+            full = model.step(obs[:, t], whole)["logits"]
+            part = model.step(obs[keep if t >= 4 else slice(None), t], cut)["logits"]
+            torch.testing.assert_close(part, full[keep] if t >= 4 else full, rtol=0, atol=1e-5)
 
 
 def test_quality_gate_refuses_a_bad_model():
@@ -592,14 +617,6 @@ def test_tiny_pipeline_writes_its_artefacts_and_resumes(tmp_path):
 # ==================================================================================================
 # Metacontroller (etarl.py section 7)
 # ==================================================================================================
-class _FirstStepSwitch(torch.nn.Module):
-    """A switching unit that fires (beta = 1) while z_t-1 is still the initial zero code, then never."""
-
-    def forward(self, x):
-        z_prev = x[..., -8:]
-        return torch.where((z_prev == 0).all(-1, keepdim=True), 100.0, -100.0)
-
-
 def _meta(model, **kw):
     torch.manual_seed(0)
     return etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, etarl.MetaConfig(**kw))
@@ -615,8 +632,9 @@ def test_gate_beta_one_takes_the_new_code_and_beta_zero_keeps_the_old(data):
     closed = _meta(model, switch_bias=-100.0)(e, lengths, sample=False)  # a gate that never opens...
     assert (closed["beta"][:, 0] == 1).all() and closed["beta"][:, 1:].max() < 1e-6
     torch.testing.assert_close(closed["z"], closed["mu"][:, :1].expand_as(closed["z"]))   # ...keeps z_0 = z~_0
-    meta = _meta(model)
-    meta.switch = _FirstStepSwitch()
+    meta = _meta(model)                      # a switching unit that fires while z_t-1 is the zero start, then never
+    first_step = lambda t, z_prev: torch.where((z_prev == 0).all(-1, keepdim=True), 100.0, -100.0)
+    meta.switch_logits = lambda e, h_prev: first_step
     out = meta(e, lengths, sample=False)
     assert out["beta"][:, 0].min() > 0.999 and out["beta"][:, 1:].max() < 1e-6
     torch.testing.assert_close(out["z"], out["mu"][:, :1].expand_as(out["z"]))   # the first code, kept
@@ -628,9 +646,26 @@ def test_metacontroller_low_rank_controller_is_b_a_transpose(data):
     meta = _meta(model)
     torch.manual_seed(3)
     z, e = torch.randn(2, 5, 8), torch.randn(2, 5, 32)
-    control = meta.decode(z)
-    U = control.B @ control.A.transpose(-1, -2)
+    control = meta.decode(z)                                          # banks (J, D, R) mixed per token
+    A, B = (torch.einsum("btj,jdr->btdr", control.mix, bank) for bank in (control.A, control.B))
+    U = B @ A.transpose(-1, -2)
     torch.testing.assert_close(control(e), torch.einsum("btij,btj->bti", U, e))
+
+
+def test_rate_distortion_sweep_resumes_from_its_finished_points(data, tmp_path, monkeypatch):
+    """A sweep killed during its last point trains only that point again: the finished ones come from the
+    points file unchanged, and the rows come back in sweep order."""
+    model, cfg, path = etarl.freeze(_model()), etarl.get_preset("tiny"), tmp_path / "points.json"
+    sweep = lambda: etarl.rate_distortion(model, model.cfg, data[0], data[1], cfg.meta, cfg.sweep, False, path)
+    rows = sweep()
+    assert [(r["base"], r["alpha"]) for r in rows] == [("frozen", 0.0), ("frozen", 1.0), ("co-trained", 0.0),
+                                                       ("co-trained", 1.0)]
+    path.write_text(json.dumps(json.loads(path.read_text())[:-1]))   # as if killed during the last point
+    trained, train = [], etarl.train_metacontroller
+    monkeypatch.setattr(etarl, "train_metacontroller", lambda *a, **k: trained.append(a[2].alpha) or train(*a, **k))
+    again = sweep()
+    assert trained == [rows[-1]["alpha"]] and again[:-1] == rows[:-1]
+    assert [(r["base"], r["alpha"]) for r in again] == [(r["base"], r["alpha"]) for r in rows]
 
 
 def test_every_metacontroller_parameter_gets_a_gradient(data):
@@ -686,6 +721,24 @@ def test_read_norm_reads_the_stream_up_to_scale_and_edits_it_raw():
         z = torch.zeros(2, meta.cfg.n_z)                            # the internal-RL gate reads the same way
         (_, h), (_, h3) = meta.gate_step(None, e[:, 0], None, z), meta.gate_step(None, 3 * e[:, 0], None, z)
         assert torch.allclose(h, h3, atol=1e-5) == read_norm
+
+
+def test_step_by_step_gate_fires_where_training_time_beta_exceeds_a_half():
+    """Internal RL's gate (gate_step, one step at a time from e_t, h_t-1 and z_t-1) fires exactly where the
+    training-time forward pass, which computes the switching unit's e_t, h_t-1 part for all steps at once, has
+    beta > 0.5, given the same codes."""
+    torch.manual_seed(0)
+    meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4)).eval()
+    e = 5 * torch.randn(5, 12, 32)                                     # betas from about 0.36 to 0.73
+    out = meta(e, torch.full((5,), 12), sample=False)
+    state, fired = None, []
+    for t in range(12):
+        fire, state = meta.gate_step(state, e[:, t], None, out["z"][:, t - 1] if t else None)
+        fired.append(fire)
+    fired, beta = torch.stack(fired, 1), out["beta"]
+    assert 0.1 < fired[:, 1:].float().mean() < 0.9                   # both decisions occur (t = 0 always fires)
+    away = (beta - 0.5).abs() > 1e-4                                  # not on the threshold itself
+    assert torch.equal(fired[away], (beta > 0.5)[away]) and away.float().mean() > 0.95
 
 
 def test_logvar_init_starts_a_precise_posterior():
@@ -784,6 +837,10 @@ def test_switch_alignment_scores_known_cases():
     s = etarl.switch_alignment(always, subgoal, mask)
     assert s["precision"] < 0.3 and s["recall"] == 1.0 and s["quasi_binary"] == 0.0
     assert etarl.switching_regime(s) == "always switching"
+    assert etarl.switching_regime(etarl.switch_alignment(exact, subgoal, mask)) == "aligned"
+    off = np.array([[1, 1, 0, 0, 0, 0, 0, 0, 1, 0]], float)           # as many switches, none near a boundary
+    s = etarl.switch_alignment(off, subgoal, mask)
+    assert s["f1"] == 0.0 and s["switches_per_episode"] == 3 and etarl.switching_regime(s).startswith("misaligned")
 
 
 def test_segments_tile_each_episode_from_switch_to_switch():

@@ -35,9 +35,11 @@ and `rl` analyse and use a label-free metacontroller that `oracle --gate learned
       success and episode progress per batch, and the uncontrolled model's on the same task. About 10-15 s per
       RL run of 6,144 episodes on the 12-colour task on one thread (most episodes end early).
 
-  python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3]
+  python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
-      noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? Also
+      noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? With
+      --code target-cell the code is instead the cell of the colour the expert heads to (one-hot over the G^2
+      cells): is a place worth more than a name to the steered base model? Also
       the held-out action NLL of the base model without control and with the preset's supervised layer-2
       controllers. About 6-7 minutes on one thread.
 """
@@ -64,14 +66,13 @@ class Oracle(etarl.Metacontroller):
     def __init__(self, d_model: int, layer: int, cfg: etarl.MetaConfig, gate: str, code_input: str,
                  reads: str = "all"):
         super().__init__(d_model, layer, cfg)
-        self.gate, self.code_input, self.labels, self.t = gate, code_input, None, 0
+        self.gate, self.code_input, self.labels = gate, code_input, None
         if reads != "all":                            # zero the encoder's e_t input (h-s), and h_t-1 too (s)
             keep = torch.ones(d_model + cfg.n_h + cfg.n_s)
             keep[:d_model + (cfg.n_h if reads == "s" else 0)] = 0
             self.encoder = torch.nn.Sequential(Mask(keep), self.encoder)
 
     def sequence_embedding(self, e, lengths):
-        self.t = 0                                    # forward calls this once, before its loop over steps
         if self.code_input == "learned":
             return super().sequence_embedding(e, lengths)
         subgoal, boundary, task = self.labels
@@ -80,11 +81,10 @@ class Oracle(etarl.Metacontroller):
         s = F.one_hot(subgoal.clamp(min=0), self.cfg.n_s).float()
         return s * boundary[..., None] if self.code_input == "boundary" else s
 
-    def switch_logit(self, e, h_prev, z_prev):
-        self.t += 1                                   # forward asks for steps 1 .. T-1 in order
+    def switch_logits(self, e, h_prev):
         if self.gate == "learned":
-            return super().switch_logit(e, h_prev, z_prev)
-        return 60 * self.labels[1][:, self.t, None] - 30
+            return super().switch_logits(e, h_prev)
+        return lambda t, z_prev: 60 * self.labels[1][:, t, None] - 30
 
 
 class Mask(torch.nn.Module):
@@ -263,37 +263,50 @@ def soft_switching(out: dict) -> dict:
 
 @torch.no_grad()
 def held_out_nll(model, data: etarl.Episodes, control_of, batch_size: int = 256) -> float:
-    """Action NLL per valid step on `data` under control_of(batch) (a Control, or None)."""
+    """Action NLL per valid step on `data` under control_of(batch, idx) (a Control, or None)."""
     total, steps = 0.0, 0
     for i in range(0, len(data), batch_size):
-        b = data.batch(np.arange(i, min(i + batch_size, len(data))), "cpu")
+        idx = np.arange(i, min(i + batch_size, len(data)))
+        b = data.batch(idx, "cpu")
         n = b["mask"].sum().item()
-        total, steps = total + model.loss(b, control_of(b), obs_loss=False)["action_nll"].item() * n, steps + n
+        total, steps = total + model.loss(b, control_of(b, idx), obs_loss=False)["action_nll"].item() * n, steps + n
     return total / steps
+
+
+def true_code(kind: str, data: etarl.Episodes, b: dict, idx, n_z: int) -> torch.Tensor:
+    """A clean one-hot code (n_z wide) per step: the current subgoal (4 pairs), or the cell of the colour the
+    expert heads to (n_z = G^2 cells; a place, not a name)."""
+    if kind == "subgoal":
+        return F.one_hot(b["subgoal"].clamp(min=0), n_z).float()
+    idx = np.sort(idx)                                # the batch's order
+    cells = np.take_along_axis(data.colour_cells[idx], data.target[idx, :b["mask"].shape[1]].clip(0), 1)
+    return F.one_hot(torch.as_tensor(cells, dtype=torch.long), n_z).float()
 
 
 def decoder(args) -> dict:
     run = etarl.Run("cpu", progress=False)
     model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
     torch.manual_seed(args.seed)
-    rng, cfg = np.random.default_rng(args.seed), run.cfg.meta
+    rng = np.random.default_rng(args.seed)
+    cfg = run.cfg.meta if args.code == "subgoal" else dataclasses.replace(run.cfg.meta, n_z=train.grid_size ** 2)
     meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg)
-    code = lambda b: F.one_hot(b["subgoal"].clamp(min=0), cfg.n_z).float()   # the true subgoal, noise-free
+    control = lambda data: lambda b, idx: meta.decode(true_code(args.code, data, b, idx, cfg.n_z))   # noise-free
     opt = torch.optim.AdamW(meta.hyper.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
     by_length, history, t = np.argsort(train.lengths, kind="stable"), [], time.time()
     for _ in range(args.steps):
-        b = train.batch(etarl.length_bucketed_batch(by_length, cfg.batch_size, rng), "cpu")
-        loss = model.loss(b, meta.decode(code(b)), obs_loss=False)["action_nll"]
+        idx = etarl.length_bucketed_batch(by_length, cfg.batch_size, rng)
+        b = train.batch(idx, "cpu")
+        loss = model.loss(b, control(train)(b, idx), obs_loss=False)["action_nll"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(meta.hyper.parameters(), 1.0)
         opt.step()
         history.append(loss.item())
     out = {"train_time_s": time.time() - t, "train_nll": curve(history),
-           "decoder_nll": held_out_nll(model, test, lambda b: meta.decode(code(b))),
-           "uncontrolled_nll": held_out_nll(model, test, lambda b: None)}
+           "code": args.code, "decoder_nll": held_out_nll(model, test, control(test)),
+           "uncontrolled_nll": held_out_nll(model, test, lambda b, idx: None)}
     ctrl, _ = etarl.train_controllers(model, train, len(model.blocks) // 2, run.cfg.control, args.seed, progress=False)
-    out["supervised_controllers_nll"] = held_out_nll(model, test, lambda b: ctrl(b["subgoal"]))
+    out["supervised_controllers_nll"] = held_out_nll(model, test, lambda b, idx: ctrl(b["subgoal"]))
     print(json.dumps(out), flush=True)
     return out
 
@@ -336,6 +349,8 @@ if __name__ == "__main__":
     d = sub.add_parser("decoder")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--code", choices=("subgoal", "target-cell"), default="subgoal",
+                   help="the clean code: the subgoal's name, or the place the expert heads to")
     r, c = sub.add_parser("rl"), sub.add_parser("codes")
     for p in (r, c):                                  # both use a metacontroller that `oracle --save` kept
         p.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")

@@ -2,6 +2,7 @@
 
   python experiments/timing.py            # on a GPU: the paper's shapes and batch sizes (1024 grid, 512 ant)
   python experiments/timing.py rollouts   # in the folder of `python etarl.py`: rollouts with and without the cut
+  python experiments/timing.py metacontroller [REV]   # there too: metacontroller training, against git REV's
 
 Times one AdamW step of each paper-preset base model (fp32 with TF32 matmuls, then bf16 autocast) and scales it
 to the paper's number of steps. The grid step uses real expert batches built on the device; the ant step uses
@@ -15,7 +16,14 @@ ended episodes dropped from the batch (the default) and kept (drop_ended=False):
 chunk of the pipeline's estimate of the base model's success), 500 with supervised controllers (the controller
 sweep's evaluation; controllers trained for 50 steps, which is enough to steer) and 256 under internal RL's hook
 (one RL batch, with the run's metacontroller and an untrained policy). Best of three calls each.
+
+`metacontroller` times etarl.train_metacontroller on the cpu run's base model and training episodes, on one
+thread: the preset's config (batch 64) and the README's lead (batch 256 with read_norm, Gumbel switches and the
+KL paid per switch), 40 and 12 steps. With a git revision REV (say 540ba8c, before the low-rank edit mixed shared
+banks and the switching unit's e, h part was computed for all steps at once) it loads that revision's etarl.py
+too and times the two in turn, twice each.
 """
+import dataclasses
 import json
 import sys
 import time
@@ -141,7 +149,49 @@ def rollouts() -> dict:
     return result
 
 
+def load_revision(rev: str):
+    """etarl.py (and envs.py) as they were at git revision `rev`, imported as a separate module."""
+    import importlib.util, subprocess, tempfile
+    root, folder = Path(__file__).resolve().parents[1], Path(tempfile.mkdtemp())
+    for name in ("etarl.py", "envs.py"):
+        show = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=root, capture_output=True, text=True)
+        if show.returncode:
+            sys.exit(f"git show {rev}:{name} failed: {show.stderr.strip()}")
+        (folder / name).write_text(show.stdout)
+    sys.path.insert(0, str(folder))                    # its `import envs` finds its own envs.py first
+    saved = sys.modules.pop("envs")
+    spec = importlib.util.spec_from_file_location(f"etarl_{rev}", folder / "etarl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                    # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    sys.path.pop(0)
+    sys.modules["envs"] = saved
+    return module
+
+
+def metacontroller(rev: str | None = None) -> dict:
+    torch.set_num_threads(1)
+    versions = {"this checkout": etarl, **({rev: load_revision(rev)} if rev else {})}
+    lead = dict(read_norm=True, gumbel_switch=True, kl_per_switch=True, switch_temperature=0.5, batch_size=256,
+                logvar_init=-6.0)
+    result = {}
+    for name, over, steps in (("preset, batch 64", {}, 40), ("lead, batch 256", lead, 12)):
+        for _ in range(2):
+            for version, E in versions.items():
+                model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
+                train = E.Episodes.load("runs/grid-cpu-s0/train.npz")
+                cfg = dataclasses.replace(E.get_preset("cpu").meta, steps=steps, **over)
+                start = time.time()
+                E.train_metacontroller(model, train, cfg, seed=0, progress=False)
+                s = (time.time() - start) / steps
+                key = f"{name}, {version} s/step"
+                result[key] = min(result.get(key, s), s)
+                print(f"{name}, {version}: {s:.3f} s/step", flush=True)
+    return result
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] not in ([], ["rollouts"]):
-        sys.exit("usage: python experiments/timing.py [rollouts]")
-    print(json.dumps(rollouts() if sys.argv[1:] == ["rollouts"] else main(), indent=1))
+    commands = {"rollouts": rollouts, "metacontroller": metacontroller}
+    if sys.argv[1:] and (sys.argv[1] not in commands or len(sys.argv) > (3 if sys.argv[1] == "metacontroller" else 2)):
+        sys.exit("usage: python experiments/timing.py [rollouts | metacontroller [REV]]")
+    print(json.dumps(commands[sys.argv[1]](*sys.argv[2:]) if sys.argv[1:] else main(), indent=1))
