@@ -24,8 +24,11 @@ banks and the switching unit's e, h part was computed for all steps at once) it 
 too and times the two in turn, twice each.
 """
 import dataclasses
+import importlib.util
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,7 +154,6 @@ def rollouts() -> dict:
 
 def load_revision(rev: str):
     """etarl.py (and envs.py) as they were at git revision `rev`, imported as a separate module."""
-    import importlib.util, subprocess, tempfile
     root, folder = Path(__file__).resolve().parents[1], Path(tempfile.mkdtemp())
     for name in ("etarl.py", "envs.py"):
         show = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=root, capture_output=True, text=True)
