@@ -1327,13 +1327,10 @@ class Metacontroller(nn.Module):
         """Eq. (18): U = f_hyp(z), as a Control at this metacontroller's layer; z (..., n_z)."""
         return hyper_control(self.hyper, z, self.layer, self.D, self.cfg.rank)
 
-    def switch_logit(self, e: torch.Tensor, h_prev: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
-        """Eq. (16) before its sigmoid: the switching unit's logit (n, 1) from e_t, h_t-1 and z_t-1."""
-        return self.switch(torch.cat([e, h_prev, z_prev], -1))
-
     def switch_logits(self, e: torch.Tensor, h_prev: torch.Tensor):
-        """switch_logit over a whole sequence, for forward's loop: its first layer's e_t, h_t-1 part is computed for
-        every step at once (B, T, hidden); the returned logit(t, z_t-1) adds z_t-1's part and finishes the MLP."""
+        """Eq. (16) before its sigmoid, over a sequence e, h_prev (B, T, ...): returns logit(t, z_t-1) (B, 1), the
+        switching unit's logit from e_t, h_t-1 and z_t-1. Its first layer's e_t, h_t-1 part is computed for every
+        step at once, since z_t-1 is only known inside forward's loop over time."""
         first, n_z = self.switch[0], self.cfg.n_z
         pre = F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-n_z], first.bias).unbind(1)   # one grad copy
         return lambda t, z_prev: self.switch[1:](pre[t] + z_prev @ first.weight[:, -n_z:].T)
@@ -1351,7 +1348,8 @@ class Metacontroller(nn.Module):
         if state is None or self.cfg.force_switch:
             fire = torch.ones(len(e), dtype=torch.bool, device=e.device)
         else:
-            fire = self.switch_logit(e, state[0], z_prev)[:, 0] > 0    # beta > 0.5 <=> logit > 0
+            logit = self.switch_logits(e[:, None], state[0][:, None])(0, z_prev)   # a sequence of one step
+            fire = logit[:, 0] > 0                                    # beta > 0.5 <=> logit > 0
         _, state = self.history(e[:, None], state)
         return fire, state
 

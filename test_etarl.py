@@ -739,6 +739,8 @@ def test_step_by_step_gate_fires_where_training_time_beta_exceeds_a_half():
     assert 0.1 < fired[:, 1:].float().mean() < 0.9                   # both decisions occur (t = 0 always fires)
     away = (beta - 0.5).abs() > 1e-4                                  # not on the threshold itself
     assert torch.equal(fired[away], (beta > 0.5)[away]) and away.float().mean() > 0.95
+    h, z = torch.randn(5, 12, 32), torch.randn(5, 8)                  # the split is the MLP on [e_t, h_t-1, z_t-1]
+    torch.testing.assert_close(meta.switch_logits(e, h)(7, z), meta.switch(torch.cat([e[:, 7], h[:, 7], z], -1)))
 
 
 def test_logvar_init_starts_a_precise_posterior():

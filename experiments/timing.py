@@ -193,7 +193,8 @@ def metacontroller(rev: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    commands = {"rollouts": rollouts, "metacontroller": metacontroller}
-    if sys.argv[1:] and (sys.argv[1] not in commands or len(sys.argv) > (3 if sys.argv[1] == "metacontroller" else 2)):
+    commands = {"paper": main, "rollouts": rollouts, "metacontroller": metacontroller}
+    name, *rest = sys.argv[1:] or ["paper"]
+    if name not in commands or len(rest) > (name == "metacontroller"):      # only metacontroller takes an argument
         sys.exit("usage: python experiments/timing.py [rollouts | metacontroller [REV]]")
-    print(json.dumps(commands[sys.argv[1]](*sys.argv[2:]) if sys.argv[1:] else main(), indent=1))
+    print(json.dumps(commands[name](*rest), indent=1))
