@@ -31,7 +31,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     which at our scale never learned the task (subgoal probe at chance).
  2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr 2e-3 and batch 64 at the
     cpu preset (paper: constant 3e-4, batch 1024).
- 3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS).
+ 3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS). The paper does
+    not give the rate-distortion sweep's length: the paper preset trains a frozen-base point 16k steps (a
+    quarter of its main metacontroller's 64k, for time), a co-trained one 64k; the cpu preset 1,500 each.
  4. Layouts are rejection-sampled so that every colour is reachable (envs.sample_layout); otherwise
     the expert could not be perfect on enclosed layouts.
  5. Batches are cut to their longest episode and drawn from windows of similar length (losses are
@@ -55,13 +57,19 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     code, with a soft gate that does not switch at the subgoal boundaries (README, "What does not work yet").
     MetaConfig(kl_per_switch=True) departs from Eq. 3: each step's KL penalty is weighted by its beta, so a
     code is paid for only when it is taken. With all five, gumbel_switch=True, switch_temperature=0.5 and
-    batches of 256, the gate switches at the subgoal boundaries on 2 of 6 seeds (F1 0.95 and 0.94), but the
-    codes carry nothing about which subgoal (README). The presets keep the paper's Eq. 3 with none of these.
+    batches of 256, the gate switches at the subgoal boundaries on 2 of 6 seeds (F1 0.95 and 0.94; on a CPU
+    1 of 2, F1 0.97), but the codes carry nothing about which subgoal (README). The presets keep the paper's
+    Eq. 3 with none of these.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
     on the code at the end of each switch-delimited segment, scored against the segment's majority
     subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
+    Quasi-binary: the share of switch probabilities sigmoid(logit) at t > 0 below 0.1 or above 0.9. With
+    binary switches (gumbel_switch) evaluation takes beta = H(logit), the gate internal RL acts with, so codes
+    are held exactly between switches. Regimes (switching_regime): collapsed below COLLAPSED_KL = 0.01 nats
+    per step, whatever the gate does; one code per episode under 1.5 switches; always switching above twice
+    the true number of subgoals; misaligned below F1 0.2; aligned at F1 >= 0.9; partially aligned between.
  9. Supervised controllers train with lr 1e-2 (paper 1e-3): at our 600 steps it fits and steers better.
     They train on the expert data, as the paper's; experiments/controllers.py also tries noisy and
     every-order data with a shortest-path loss, which is not the paper's recipe (README).
@@ -227,7 +235,7 @@ class MetaConfig:
     switch_bias: float = 0.0    # initial bias of the switching unit's logit (0: beta starts near 0.5)
     kl_delay: int = 0           # steps with alpha = 0 before the warm-up (0: the paper's plain Eq. 3)
     kl_warmup: int = 0          # steps over which alpha ramps up linearly from 0 (0: the paper's plain Eq. 3)
-    gumbel_switch: bool = False  # in training, beta is a straight-through Gumbel-sigmoid sample (0 or 1)
+    gumbel_switch: bool = False  # binary beta: a straight-through Gumbel-sigmoid sample in training, H(logit) in eval
     zero_init_edit: bool = False  # start the decoder at U = 0 exactly (see `hypernetwork`)
     per_step_embedding: bool = False  # s_t per step (both directions' GRU states at t) instead of one s per episode
     free_bits: float = 0.0      # per code dimension, nats per step: the KL of a dimension is not penalised below it
@@ -1327,6 +1335,14 @@ class Metacontroller(nn.Module):
         """Eq. (18): U = f_hyp(z), as a Control at this metacontroller's layer; z (..., n_z)."""
         return hyper_control(self.hyper, z, self.layer, self.D, self.cfg.rank)
 
+    def sample_code(self, mu: torch.Tensor, logvar: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Eq. (15): z~ = mu + Sigma^1/2 eps by the reparameterisation trick, or the mean when not sampling."""
+        return mu + (logvar / 2).exp() * torch.randn_like(mu) if sample else mu
+
+    def rate(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Eq. (3)'s rate term per step and code dimension, (..., n_z): KL(N(mu, Sigma) || N(0, I))."""
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
     def switch_logits(self, e: torch.Tensor, h_prev: torch.Tensor):
         """Eq. (16) before its sigmoid, over a sequence e, h_prev (B, T, ...): returns logit(t, z_t-1) (B, 1), the
         switching unit's logit from e_t, h_t-1 and z_t-1. Its first layer's e_t, h_t-1 part is computed for every
@@ -1354,28 +1370,32 @@ class Metacontroller(nn.Module):
         return fire, state
 
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, sample: bool = True) -> dict:
-        """e (B, T, D) residual stream at layer l; returns z (B, T, n_z), beta (B, T), mu, logvar and
-        the per-step Control (which edits the raw stream e)."""
+        """e (B, T, D) residual stream at layer l; returns z (B, T, n_z), beta (B, T), the switch probability
+        sigmoid(logit) (B, T; beta itself unless gumbel_switch makes beta binary), mu, logvar and the per-step
+        Control (which edits the raw stream e)."""
         B, T, D = e.shape
         e = self.read(e)
         h, _ = self.history(e)                                        # h_1 .. h_T: (B, T, n_h)
         h_prev = F.pad(h, (0, 0, 1, 0))[:, :-1]                       # h_0 = 0 .. h_T-1
         s = self.sequence_embedding(e, lengths)
         mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
-        z_tilde = mu + (logvar / 2).exp() * torch.randn_like(mu) if sample else mu    # Eq. (15)
+        z_tilde = self.sample_code(mu, logvar, sample)                                # Eq. (15)
         logit_at = self.switch_logits(e, h_prev)
-        z, zs, betas = torch.zeros(B, self.cfg.n_z, device=e.device), [], []
+        z, zs, betas, probs = torch.zeros(B, self.cfg.n_z, device=e.device), [], [], []
         for t, z_tilde_t in enumerate(z_tilde.unbind(1)):             # unbind: one gradient copy, not T
             if self.cfg.force_switch or t == 0:                       # at t = 0 there is no code to keep
-                beta = torch.ones(B, 1, device=e.device)
+                beta = prob = torch.ones(B, 1, device=e.device)
             else:
                 logit = logit_at(t, z)                                                    # Eq. (16)
-                beta = gumbel_sigmoid(logit, self.cfg.switch_temperature) if self.cfg.gumbel_switch and \
-                    self.training else torch.sigmoid(logit)
+                beta = prob = torch.sigmoid(logit)
+                if self.cfg.gumbel_switch:                            # binary: sampled in training, else
+                    beta = gumbel_sigmoid(logit, self.cfg.switch_temperature) if self.training else \
+                        (logit > 0).to(logit.dtype)                   # as internal RL's gate fires
             z = beta * z_tilde_t + (1 - beta) * z                     # Eq. (17)
-            zs.append(z), betas.append(beta[:, 0])
+            zs.append(z), betas.append(beta[:, 0]), probs.append(prob[:, 0])
         z = torch.stack(zs, 1)                                        # (B, T, n_z)
-        return {"z": z, "beta": torch.stack(betas, 1), "mu": mu, "logvar": logvar, "control": self.decode(z)}
+        return {"z": z, "beta": torch.stack(betas, 1), "switch_prob": torch.stack(probs, 1), "mu": mu,
+                "logvar": logvar, "control": self.decode(z)}
 
 
 class MetaControl:
@@ -1397,8 +1417,7 @@ def meta_loss(model: BaseModel, meta: Metacontroller, batch: dict, alpha: float,
     m = batch["mask"].float()
     control = MetaControl(meta, batch["mask"].sum(1), sample)
     out = model.loss(batch, control, obs_loss=meta.cfg.co_train)
-    mu, logvar = control.out["mu"], control.out["logvar"]
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)                # (B, T, n_z)
+    kl = meta.rate(control.out["mu"], control.out["logvar"])          # (B, T, n_z)
     cost = kl * control.out["beta"][..., None] if meta.cfg.kl_per_switch else kl   # a code is paid for when taken
     kl, cost = ((x * m[..., None]).sum((0, 1)) / m.sum() for x in (kl, cost))      # (n_z,) means over valid steps
     penalty = cost.clamp(min=meta.cfg.free_bits).sum()                 # free bits: no pressure below the floor
@@ -1462,20 +1481,23 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
 
 @torch.no_grad()
 def meta_outputs(model: BaseModel, meta: Metacontroller, data: Episodes, batch_size: int = 256) -> dict:
-    """beta, z (posterior means) and labels on every step of `data`, as padded numpy arrays (N, Tmax)."""
+    """beta, the switch probability, z (posterior means) and labels on every step of `data`, as padded numpy
+    arrays (N, Tmax)."""
     device = next(model.parameters()).device
     T = int(data.lengths.max())
-    keep = {"beta": [], "z": [], "nll": [], "kl": []}
+    keep = {"beta": [], "switch_prob": [], "z": [], "nll": [], "kl": []}
     for i in range(0, len(data), batch_size):
         idx = np.arange(i, min(i + batch_size, len(data)))
         b = data.batch(idx, device)
         out = meta_loss(model, meta, b, meta.cfg.alpha, sample=False)
         pad = T - b["mask"].shape[1]
-        keep["beta"].append(F.pad(out["beta"], (0, pad)).cpu().numpy())
+        for k in ("beta", "switch_prob"):
+            keep[k].append(F.pad(out[k], (0, pad)).cpu().numpy())
         keep["z"].append(F.pad(out["z"], (0, 0, 0, pad)).cpu().numpy())
         steps = b["mask"].sum().item()                                # batch means are per valid step
         keep["nll"].append(out["action_nll"].item() * steps), keep["kl"].append(out["kl"].item() * steps)
-    return {"beta": np.concatenate(keep["beta"]), "z": np.concatenate(keep["z"]),
+    return {"beta": np.concatenate(keep["beta"]), "switch_prob": np.concatenate(keep["switch_prob"]),
+            "z": np.concatenate(keep["z"]),
             "mask": np.arange(T) < data.lengths[:, None], "subgoal": data.subgoal[:, :T].astype(np.int64),
             "action_nll": sum(keep["nll"]) / data.lengths.sum(), "kl": sum(keep["kl"]) / data.lengths.sum()}
 
@@ -1487,12 +1509,14 @@ def true_boundaries(subgoal: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return b
 
 
-def switch_alignment(beta: np.ndarray, subgoal: np.ndarray, mask: np.ndarray, tolerance: int = 1) -> dict:
+def switch_alignment(beta: np.ndarray, subgoal: np.ndarray, mask: np.ndarray, tolerance: int = 1,
+                     prob: np.ndarray | None = None) -> dict:
     """Do the switches (beta > 0.5) fall on the true subgoal boundaries?
 
     Precision, recall and F1 of switches at t > 0 against true boundaries, matched one-to-one within
     +-tolerance steps; switches per episode (t = 0 included) against subgoals per episode; and the
-    fraction of beta values that are quasi-binary (< 0.1 or > 0.9)."""
+    fraction of switch probabilities at t > 0 that are quasi-binary (< 0.1 or > 0.9; beta_0 = 1 always).
+    The probability is beta itself unless `prob` is given (a binary switch's sigmoid(logit))."""
     switch, truth = (beta > 0.5) & mask, true_boundaries(subgoal, mask)
     pred = switch.copy()
     pred[:, 0] = False
@@ -1503,7 +1527,7 @@ def switch_alignment(beta: np.ndarray, subgoal: np.ndarray, mask: np.ndarray, to
                 free[i, t + dt], tp = False, tp + 1
                 break
     precision, recall = tp / max(pred.sum(), 1), tp / max(truth.sum(), 1)
-    b = beta[mask]
+    b = (beta if prob is None else prob)[:, 1:][mask[:, 1:]]         # beta_0 = 1 by construction: not counted
     return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-9),
             "switches_per_episode": switch.sum(1).mean(), "subgoals_per_episode": (truth.sum(1) + 1).mean(),
             "quasi_binary": ((b < 0.1) | (b > 0.9)).mean()}
@@ -1551,12 +1575,20 @@ def code_purity(outputs: dict, n_subgoals: int = 4, seed: int = 0) -> float:
     return sum(np.bincount(labels[cluster == j]).max() for j in np.unique(cluster)) / len(labels)
 
 
+COLLAPSED_KL = 0.01   # nats per step; a code naming 1 of 4 subgoals 3 times in a 32-step episode costs >= 0.13
+
+
 def switching_regime(stats: dict) -> str:
-    """Name the regime a run ended in: the two failure modes, switches that miss the subgoal boundaries (F1 below
-    0.2, less than switching at random times would score), or subgoal-aligned switching (F1 >= 0.9; partially
-    in between)."""
+    """Name the regime a run ended in: the two failure modes (posterior collapse: the code carries almost
+    nothing, KL below COLLAPSED_KL nats per step, whatever the gate does; always switching), one used code per
+    episode (the paper's co-trained finding), switches that miss the subgoal boundaries (F1 below 0.2, less than
+    switching at random times would score), or subgoal-aligned switching (F1 >= 0.9; partially in between).
+    The rate is stats["kl"] (CompILE's: "kl_z"); without one, collapse is not tested."""
+    rate = stats.get("kl", stats.get("kl_z"))
+    if rate is not None and rate < COLLAPSED_KL:
+        return "collapsed (the code carries nothing)"
     if stats["switches_per_episode"] < 1.5:
-        return "collapsed (about one code per episode)"
+        return "one code per episode"
     if stats["switches_per_episode"] > 2 * stats["subgoals_per_episode"]:
         return "always switching"
     if stats["f1"] < 0.2:
@@ -1570,7 +1602,7 @@ def evaluate_metacontroller(model: BaseModel, meta: Metacontroller, data: Episod
 
 def metacontroller_stats(out: dict) -> dict:
     """Switch alignment, code purity, NLL, KL and the regime's name from meta_outputs' arrays."""
-    stats = switch_alignment(out["beta"], out["subgoal"], out["mask"])
+    stats = switch_alignment(out["beta"], out["subgoal"], out["mask"], prob=out["switch_prob"])
     stats.update(code_purity=code_purity(out), action_nll=out["action_nll"], kl=out["kl"])
     stats["regime"] = switching_regime(stats)
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in stats.items()}

@@ -743,6 +743,26 @@ def test_step_by_step_gate_fires_where_training_time_beta_exceeds_a_half():
     torch.testing.assert_close(meta.switch_logits(e, h)(7, z), meta.switch(torch.cat([e[:, 7], h[:, 7], z], -1)))
 
 
+def test_binary_switch_metacontroller_evaluates_as_internal_rl_acts():
+    """With gumbel_switch, evaluation takes beta = H(logit) (0 or 1), not sigmoid(logit): the code is held exactly
+    between switches, and the switches are where gate_step fires, so the analyses see the gate internal RL uses."""
+    torch.manual_seed(0)
+    meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, gumbel_switch=True)).eval()
+    e = 5 * torch.randn(5, 12, 32)
+    out = meta(e, torch.full((5,), 12), sample=False)
+    beta, z = out["beta"], out["z"]
+    assert set(beta.unique().tolist()) == {0.0, 1.0}
+    prob = out["switch_prob"][:, 1:]                                    # the gate's probability stays soft
+    assert ((prob > 0) & (prob < 1)).all() and torch.equal(prob > 0.5, beta[:, 1:] > 0.5)
+    held = beta[:, 1:] == 0
+    assert torch.equal(z[:, 1:][held], z[:, :-1][held])              # z_t = z_t-1 exactly where no switch
+    state, fired = None, []
+    for t in range(12):
+        fire, state = meta.gate_step(state, e[:, t], None, z[:, t - 1] if t else None)
+        fired.append(fire)
+    assert torch.equal(torch.stack(fired, 1), beta > 0.5)
+
+
 def test_logvar_init_starts_a_precise_posterior():
     """MetaConfig(logvar_init=-6): the untrained encoder's posterior std is about exp(-3) = 0.05 on any input;
     by default (PyTorch's init) it is about 1."""
@@ -843,6 +863,11 @@ def test_switch_alignment_scores_known_cases():
     off = np.array([[1, 1, 0, 0, 0, 0, 0, 0, 1, 0]], float)           # as many switches, none near a boundary
     s = etarl.switch_alignment(off, subgoal, mask)
     assert s["f1"] == 0.0 and s["switches_per_episode"] == 3 and etarl.switching_regime(s).startswith("misaligned")
+    once = etarl.switch_alignment(np.array([[1, 0, 0, 0.2, 0, 0, 0.05, 0, 0, 0]]), subgoal, mask)
+    assert once["quasi_binary"] == 7 / 8                               # t = 0 (beta 1 by construction) not counted
+    assert etarl.switching_regime({**once, "kl": 0.5}) == "one code per episode"      # a used code, never replaced
+    for stats in (once, s, etarl.switch_alignment(exact, subgoal, mask)):             # posterior collapse: KL ~ 0
+        assert etarl.switching_regime({**stats, "kl": 1e-4}).startswith("collapsed")
 
 
 def test_segments_tile_each_episode_from_switch_to_switch():

@@ -8,6 +8,7 @@ and `rl` analyse and use a label-free metacontroller that `oracle --gate learned
 
   python experiments/metacontroller.py oracle [--gate oracle] [--code-input subgoal|boundary|task]
                                               [--alpha 0.1] [--steps 1500] [--kl-delay 0] [--logvar-bias 0]
+                                              [--code gaussian|categorical]
       the cpu preset's metacontroller training (Eq. 3, frozen base model), with parts replaced by the truth:
       --gate oracle takes a new code exactly at the true subgoal boundaries (beta = 1 there and at t = 0,
       0 elsewhere); --code-input replaces the learned sequence embedding s that the encoder reads by the
@@ -15,7 +16,8 @@ and `rl` analyse and use a label-free metacontroller that `oracle --gate learned
       the task (one-hot). --kl-delay trains with alpha = 0 for its first steps (MetaConfig.kl_delay);
       --logvar-bias starts the encoder's log-variance there (MetaConfig.logvar_init); --encoder-reads s zeroes the
       encoder's other inputs (e_t, h_t-1), so that it reads nothing but s (h-s: zeroes e_t only);
-      --per-step-embedding makes the learned s per step (MetaConfig.per_step_embedding); --set FIELD=VALUE sets
+      --per-step-embedding makes the learned s per step (MetaConfig.per_step_embedding); --code categorical makes
+      z~ one of n_z one-hot codes with a uniform prior (CategoricalCode, not the paper's); --set FIELD=VALUE sets
       any other MetaConfig field (kl_warmup, read_norm, gumbel_switch, switch_bias, ...); --save keeps the trained
       metacontroller's weights. Reports the held-out action NLL, KL and the switching statistics of
       etarl.metacontroller_stats, and where a soft gate puts its weight (mean beta at the true boundaries and
@@ -87,6 +89,30 @@ class Oracle(etarl.Metacontroller):
         return lambda t, z_prev: 60 * self.labels[1][:, t, None] - 30
 
 
+class CategoricalCode:
+    """A mixin for a metacontroller class whose code z~ is one of n_z choices, not a Gaussian (NOT the paper's):
+    the encoder's first n_z outputs are logits (the rest unused); in training z~ is a straight-through
+    Gumbel-softmax one-hot sample, otherwise the argmax; the rate is KL(q || uniform) = sum_k q_k ln(n_z q_k),
+    at most ln n_z. With n_z = 4, no code can say where on a new layout to go, only which of four things to do.
+    Internal RL's Gaussian policy cannot drive it (`rl` refuses)."""
+
+    def sample_code(self, logits, logvar, sample=True):
+        if sample:
+            return F.gumbel_softmax(logits, tau=1.0, hard=True)
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+    def rate(self, logits, logvar):
+        return logits.softmax(-1) * (logits.log_softmax(-1) + np.log(logits.shape[-1]))
+
+
+class CategoricalOracle(CategoricalCode, Oracle):
+    pass
+
+
+class CategoricalMetacontroller(CategoricalCode, etarl.Metacontroller):
+    pass
+
+
 class Mask(torch.nn.Module):
     def __init__(self, keep: torch.Tensor):
         super().__init__()
@@ -128,7 +154,8 @@ def oracle(args) -> dict:
     model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
     cfg = meta_config(run, vars(args))
     torch.manual_seed(args.seed)
-    meta = Oracle(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
+    kind = CategoricalOracle if args.code == "categorical" else Oracle
+    meta = kind(model.cfg.d_model, len(model.blocks) // 2, cfg, args.gate, args.code_input, args.encoder_reads)
     t = time.time()
     meta, history = etarl.train_metacontroller(model, Labelled(train, meta), cfg, args.seed, progress=False, meta=meta)
     held_out = etarl.meta_outputs(model, meta, Labelled(test, meta))
@@ -164,7 +191,8 @@ def load_saved(oracle_json: str, weights: str | None):
     run = etarl.Run("cpu", progress=False)
     model, (_, test) = etarl.freeze(run.base_model()[0]), run.data()
     device = next(model.parameters()).device
-    meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, meta_config(run, spec))
+    kind = CategoricalMetacontroller if spec.get("code") == "categorical" else etarl.Metacontroller
+    meta = kind(model.cfg.d_model, len(model.blocks) // 2, meta_config(run, spec))
     meta.load_state_dict(torch.load(weights or spec["save"], map_location=device))
     return run, model, test, meta.to(device).eval()
 
@@ -175,6 +203,8 @@ def internal_rl(args) -> dict:
     first and last 8 batches and how many batches had unequal returns (the others give PPO no update); and the
     uncontrolled base model's success and progress on the same task."""
     run, model, test, meta = load_saved(args.oracle_json, args.weights)
+    if isinstance(meta, CategoricalCode):
+        raise SystemExit(f"{args.oracle_json}: a categorical code; internal RL's policy is Gaussian over z")
     stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta, test))
     print(json.dumps({k: stats[k] for k in ("f1", "switches_per_episode", "quasi_binary", "code_purity")}), flush=True)
     cfg = dataclasses.replace(run.cfg.rl, episodes=args.episodes, lrs=tuple(args.lrs), seeds=args.seeds,
@@ -250,15 +280,16 @@ def codes(args) -> dict:
 
 
 def soft_switching(out: dict) -> dict:
-    """Where a soft gate puts its weight: the mean beta at the true boundaries and at the other steps (t > 0), and
-    the switch F1 when a switch is counted at beta > threshold instead of 0.5."""
-    later = out["mask"].copy()
+    """Where a soft gate puts its weight: the mean switch probability sigmoid(logit) (beta itself, unless the
+    switch is binary) at the true boundaries and at the other steps (t > 0), and the switch F1 when a switch is
+    counted at a probability > threshold instead of 0.5."""
+    later, p = out["mask"].copy(), out["switch_prob"]
     later[:, 0] = False
     boundary = etarl.true_boundaries(out["subgoal"], out["mask"])
-    f1 = {f"f1_beta_above_{c}": etarl.switch_alignment((out["beta"] > c).astype(float), out["subgoal"], out["mask"])["f1"]
+    f1 = {f"f1_beta_above_{c}": etarl.switch_alignment((p > c).astype(float), out["subgoal"], out["mask"])["f1"]
           for c in (0.05, 0.1, 0.2, 0.3)}
-    return {"beta_at_boundaries": float(out["beta"][boundary].mean()),
-            "beta_elsewhere": float(out["beta"][later & ~boundary].mean()), **{k: float(v) for k, v in f1.items()}}
+    return {"beta_at_boundaries": float(p[boundary].mean()),
+            "beta_elsewhere": float(p[later & ~boundary].mean()), **{k: float(v) for k, v in f1.items()}}
 
 
 @torch.no_grad()
@@ -344,6 +375,8 @@ if __name__ == "__main__":
                    help="initial bias of the encoder's log-variances (MetaConfig.logvar_init)")
     o.add_argument("--per-step-embedding", action="store_true", help="the learned s is per step (MetaConfig option)")
     o.add_argument("--save", default=None, help="save the trained metacontroller's state_dict here")
+    o.add_argument("--code", choices=("gaussian", "categorical"), default="gaussian",
+                   help="categorical: z~ is one of n_z one-hot codes (CategoricalCode; not the paper's)")
     o.add_argument("--set", type=meta_field, action="append", default=[], metavar="FIELD=VALUE",
                    help="any other MetaConfig field, e.g. --set gumbel_switch=true --set kl_warmup=500")
     d = sub.add_parser("decoder")
