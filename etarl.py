@@ -131,6 +131,10 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     the grid's base model can pretrain on expert data with random moves (DataConfig.eps > 0) without
     learning to make them (as DART injects noise, Laskey et al. 2017). With eps = 0.1 it passes the gate
     twice as soon and navigates better, but the supervised controllers barely gain (README).
+22. An option, off in every preset: ModelConfig(encoder="ego") for the ant (AntEgoEncoder) also embeds every
+    object's offset and the torso's velocity turned into the torso's frame (by minus the yaw of the observed
+    quaternion), the ant's counterpart of deviation 1. On the ant-cpu data its colour probe stayed at chance
+    (0.235-0.249 at every layer after 2,000 steps), as the linear embedding's does (README, "The ant world").
 """
 from __future__ import annotations
 
@@ -177,7 +181,7 @@ class ModelConfig:
     d_mlp: int = 512
     n_buckets: int = 32
     max_distance: int = 128     # relative distances beyond this share the last bucket
-    encoder: str = "ego"        # "ego" (agent-centred, deviation 1) or "linear"
+    encoder: str = "ego"        # "ego" (grid: agent-centred, deviation 1; ant: torso frame, deviation 22) or "linear"
     obs_weight: float = 0.01    # lambda of Eq. 5 (paper: 0 or 0.01 for the grid, 10 for the ant)
     mixer: str = "attention"    # "attention" (the grid's transformer) or "hawk" (the ant's RG-LRU SSM)
     conv_width: int = 4         # Hawk: width of the causal temporal convolution before the RG-LRU
@@ -589,6 +593,40 @@ class EgoEncoder(nn.Module):
         return self.objects(idx).sum(-2) + self.agent_cell(cell[..., -1])   # (B, T, D)
 
 
+class AntEgoEncoder(nn.Module):
+    """Embed an ant observation together with the same observation turned into the torso's frame (deviation 22).
+
+    The ant walks without turning (envs.gait_action), so its torques depend on where the next cell towards the
+    target lies in the torso's frame, while the observation gives every colour cell and wall in world axes. This encoder appends
+    the object offsets and the torso's horizontal velocity rotated by minus the torso's yaw (read from the
+    observed quaternion), then embeds everything linearly: a fixed, parameter-free re-expression of the
+    same observation, as EgoEncoder is for the grid. Indices follow envs.AntPinpad's observation layout.
+    """
+
+    QUAT = slice(1, 5)      # symlog of the torso's quaternion (w, x, y, z): qpos[3:7]
+    VEL = slice(13, 15)     # symlog of the torso's linear velocity x, y in world axes: qvel[0:2]
+    OBJECTS = 27 + 2        # after the proprioception and the global x, y: the objects' offsets, (x, y) each
+
+    def __init__(self, obs_dim: int, d_model: int, n_objects: int):
+        super().__init__()
+        self.n_objects = n_objects
+        self.linear = nn.Linear(obs_dim + 2 * n_objects + 2, d_model)
+
+    def ego_features(self, obs: torch.Tensor) -> torch.Tensor:
+        """(..., 2 n_objects + 2): each object's offset from the torso, then the torso's velocity, in the torso's
+        frame (x forward along the torso's heading, y to its left)."""
+        w, x, y, z = envs.symexp(obs[..., self.QUAT]).unbind(-1)
+        yaw = torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+        c, s = torch.cos(yaw)[..., None], torch.sin(yaw)[..., None]
+        world = torch.cat([obs[..., self.OBJECTS: self.OBJECTS + 2 * self.n_objects],
+                           envs.symexp(obs[..., self.VEL])], -1).unflatten(-1, (-1, 2))   # (..., n + 1, 2)
+        wx, wy = world.unbind(-1)
+        return torch.stack([c * wx + s * wy, -s * wx + c * wy], -1).flatten(-2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([obs, self.ego_features(obs)], -1))
+
+
 def relative_bucket(rel: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:
     """T5's causal relative-position buckets: distances < n/2 exact, then log-spaced up to max_distance."""
     exact = n_buckets // 2
@@ -790,9 +828,9 @@ class BaseModel(nn.Module):
     both can apply a residual-stream controller e <- e + U e before block `control.layer` (Eq. 1).
     """
 
-    def __init__(self, cfg: ModelConfig, obs_dim: int, n_actions: int, grid_size: int = 7):
+    def __init__(self, cfg: ModelConfig, obs_dim: int, n_actions: int, grid_size: int = 7, env: str = "grid"):
         super().__init__()
-        self.cfg, self.obs_dim, self.n_actions = cfg, obs_dim, n_actions
+        self.cfg, self.obs_dim, self.n_actions, self.env = cfg, obs_dim, n_actions, env
         if cfg.mixer == "attention" and cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         blocks = {"attention": Block, "hawk": HawkBlock}
@@ -801,7 +839,9 @@ class BaseModel(nn.Module):
             raise ValueError(f"unknown mixer {cfg.mixer!r}; choose 'attention' or 'hawk'")
         if cfg.head not in heads:
             raise ValueError(f"unknown action head {cfg.head!r}; choose 'categorical' or 'gaussian'")
-        if cfg.encoder == "ego":
+        if cfg.encoder == "ego" and env == "ant":
+            self.encoder = AntEgoEncoder(obs_dim, cfg.d_model, n_objects=(obs_dim - envs.ant_obs_dim(0, 0)) // 2)
+        elif cfg.encoder == "ego":
             self.encoder = EgoEncoder(obs_dim, cfg.d_model, grid_size)
         elif cfg.encoder == "linear":
             self.encoder = nn.Linear(obs_dim, cfg.d_model)
@@ -931,16 +971,15 @@ class Control:
 def build_model(cfg: ModelConfig, env: str = "grid") -> BaseModel:
     """A fresh base model for world `env`; model.env names the world it acts in (rollouts read it)."""
     if env == "ant":                                                  # 41 observation numbers, 8 torques
-        if cfg.head != "gaussian" or cfg.encoder != "linear":
-            raise ValueError("the ant needs head='gaussian' and encoder='linear' (its actions and observations "
-                             f"are continuous), got head={cfg.head!r}, encoder={cfg.encoder!r}")
-        model = BaseModel(cfg, obs_dim=envs.ant_obs_dim(), n_actions=8)
+        if cfg.head != "gaussian" or cfg.encoder not in ("linear", "ego"):
+            raise ValueError("the ant needs head='gaussian' and encoder 'linear' or 'ego' (its actions and "
+                             f"observations are continuous), got head={cfg.head!r}, encoder={cfg.encoder!r}")
+        model = BaseModel(cfg, obs_dim=envs.ant_obs_dim(), n_actions=8, env="ant")
     elif env == "grid":
         G = 7
         model = BaseModel(cfg, obs_dim=(8 + 4 + 1) * G * G, n_actions=len(envs.ACTIONS), grid_size=G)
     else:
         raise ValueError(f"unknown environment {env!r}; available: {', '.join(WORLDS)}")
-    model.env = env
     return model
 
 

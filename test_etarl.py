@@ -1235,6 +1235,26 @@ def test_linear_scan_equals_the_loop(T):
         torch.testing.assert_close(g_scan, g_loop)
 
 
+def test_ant_ego_encoder_turns_the_world_into_the_torso_frame():
+    """AntEgoEncoder's extra features are every object's offset and the torso's velocity rotated by minus the
+    torso's yaw (checked against MuJoCo's own torso rotation right after reset, when the torso is level), and
+    the model with encoder="ego" still steps as it runs whole sequences."""
+    env = envs.AntPinpad()
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        to_torso = env.data.xmat[1].reshape(3, 3).T[:2, :2]                  # world -> torso frame (level torso)
+        offsets = envs.ant_cell_centre(np.concatenate([env.colour_cells, env.wall_cells]), 4) - env.data.qpos[:2]
+        expected = np.concatenate([(offsets / (4 * envs.ANT_CELL)) @ to_torso.T, env.data.qvel[None, :2] @ to_torso.T])
+        features = etarl.AntEgoEncoder(len(obs), 8, n_objects=5).ego_features(torch.tensor(obs))
+        np.testing.assert_allclose(features.numpy(), expected.ravel(), atol=1e-5)
+    model = _hawk(encoder="ego")
+    assert isinstance(model.encoder, etarl.AntEgoEncoder)
+    obs = torch.randn(2, 6, model.obs_dim)
+    cache = model.new_cache()
+    steps = torch.stack([model.step(obs[:, t], cache)["logits"] for t in range(6)], 1)
+    torch.testing.assert_close(steps, model(obs)["logits"], atol=1e-5, rtol=1e-4)
+
+
 def test_gaussian_head_is_a_diagonal_gaussian():
     head = etarl.GaussianHead(16, 3)
     params, actions = head(torch.randn(5, 16)), torch.randn(5, 3)

@@ -1,0 +1,151 @@
+"""Why the ant's base model does not learn where to go: the experiments behind the README's numbers.
+
+  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle]
+      the ant-cpu base model pretrained on the ant run's data (runs/ant-cpu-s0, made by `python etarl.py --env
+      ant --force` or made here) with another observation encoder ("ego": the torso-frame view, deviation 22;
+      "linear": the preset's), the preset's schedule cut to --steps (the cosine decays over the cut length), seed
+      0. With --oracle the true target colour (one-hot) is added to the model's input, through an embedding of its
+      own, and is never a target of the observation head: how much better would the model predict the expert's
+      torques if it knew where the expert was going? The quality gate (held-out action R^2, colour probe at L/2)
+      is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle]_<steps>.json (history, probes per
+      layer) and the model (.pt). About 9-14 minutes per 1,000 steps on one thread beside other jobs on 2 cores.
+
+  python experiments/ant.py steer --steps 2000 [--greedy]
+      the oracle model of `pretrain --oracle --steps 2000` in 128 episodes of random pretraining tasks, told the
+      true next colour, then a wrong one (the true one shifted by 1-3 per episode): which colour does it enter
+      first? Writes experiments/ant_steer_2000[_greedy].json. About a minute.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import etarl   # noqa: E402
+
+N_COLOURS = 4
+
+
+def with_oracle(data: etarl.AntEpisodes) -> etarl.AntEpisodes:
+    """The same episodes with the target colour's one-hot appended to every observation (zeros after the end)."""
+    target = np.concatenate([data.subgoal, np.full((len(data), 1), -1)], 1)        # (N, Tmax + 1)
+    onehot = (target[..., None] == np.arange(N_COLOURS)).astype(np.float32)
+    return etarl.AntEpisodes(obs=np.concatenate([data.obs, onehot], -1), actions=data.actions,
+                             lengths=data.lengths, subgoal=data.subgoal, success=data.success, task_id=data.task_id)
+
+
+class OracleEncoder(nn.Module):
+    """The model's own encoder on the observation, plus a learned embedding of the appended target one-hot."""
+
+    def __init__(self, inner: nn.Module, d_model: int):
+        super().__init__()
+        self.inner, self.oracle = inner, nn.Linear(N_COLOURS, d_model)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.inner(obs[..., :-N_COLOURS]) + self.oracle(obs[..., -N_COLOURS:])
+
+
+class OracleModel(etarl.BaseModel):
+    """Eq. 5 as BaseModel.loss, except that the observation head predicts the real observation only."""
+
+    def loss(self, batch: dict, control=None, obs_loss: bool = True, shortest: bool = False) -> dict:
+        if shortest:
+            raise ValueError("the shortest-path action loss is the grid's")
+        out = super().loss(batch, control, obs_loss=False)
+        if obs_loss:
+            real, m = batch["obs"][:, 1:, :-N_COLOURS], batch["mask"].float()
+            obs_nll = ((0.5 * (self.obs_head(out["out"]["h"]) - real) ** 2).sum(-1) * m).sum() / m.sum()
+            out.update(obs_nll=obs_nll, loss=out["action_nll"] + self.cfg.obs_weight * obs_nll)
+        return out
+
+
+def pretrain(args) -> None:
+    run = etarl.Run("cpu", env="ant")
+    train, test = run.data()
+    cfg = run.cfg
+    cfg.model.encoder, cfg.pretrain.steps = args.encoder, args.steps
+    torch.manual_seed(0)
+    if args.oracle:
+        train, test = with_oracle(train), with_oracle(test)
+        model = OracleModel(cfg.model, obs_dim=train.obs.shape[-1] - N_COLOURS, n_actions=8, env="ant")
+        model.encoder = OracleEncoder(model.encoder, cfg.model.d_model)
+    else:
+        model = etarl.build_model(cfg.model, "ant")
+    t0 = time.time()
+    history = etarl.pretrain(model, train, test, cfg.pretrain, 0, cfg.probe)
+    probes = etarl.probe_layers(etarl.freeze(model), test, cfg.probe).tolist()
+    name = f"ant_{args.encoder}{'_oracle' if args.oracle else ''}_{args.steps}"
+    result = {"args": vars(args), "seconds": time.time() - t0, "probes": probes, "history": history}
+    Path(__file__).with_name(f"{name}.json").write_text(json.dumps(result, indent=1))
+    torch.save(model.state_dict(), Path(__file__).with_name(f"{name}.pt"))
+    print(name, "probes per layer", np.round(probes, 3).tolist(), f"{result['seconds']:.0f} s")
+
+
+def oracle_model(steps: int) -> OracleModel:
+    """The oracle model saved by `pretrain --encoder ego --oracle --steps <steps>`."""
+    cfg = etarl.get_preset("cpu", "ant").model
+    cfg.encoder = "ego"
+    model = OracleModel(cfg, obs_dim=etarl.envs.ant_obs_dim(), n_actions=8, env="ant")
+    model.encoder = OracleEncoder(model.encoder, cfg.d_model)
+    model.load_state_dict(torch.load(Path(__file__).with_name(f"ant_ego_oracle_{steps}.pt")))
+    return etarl.freeze(model).eval()
+
+
+@torch.no_grad()
+def steer(args) -> None:
+    """Does the oracle model walk to the colour it is told? Episodes on random pretraining tasks, told the true
+    next colour, or a wrong one: the true one shifted by 1-3 (drawn per episode). Reports which colour each
+    episode entered first (the told one, the task's true first colour, or another), and the progress made."""
+    model = oracle_model(args.steps)
+    rows = {}
+    for told in ("true", "shifted"):
+        env = etarl.envs.AntPinpadVec(args.episodes)
+        obs, _ = env.reset(seed=args.seed)
+        shift = np.random.default_rng(args.seed).integers(1, N_COLOURS, args.episodes) if told == "shifted" else 0
+        gen, cache = torch.Generator().manual_seed(args.seed), model.new_cache()
+        first, first_told = np.full(args.episodes, -1), np.full(args.episodes, -1)
+        while not env.done.all():
+            target = (env.target + shift) % N_COLOURS
+            onehot = (target[:, None] == np.arange(N_COLOURS)).astype(np.float32)
+            params = model.step(torch.as_tensor(np.concatenate([obs, onehot], -1)), cache)["logits"]
+            action = model.action_head.mode(params) if args.greedy else model.action_head.sample(params, gen)
+            obs, _, _, _, info = env.step(action.numpy())
+            entered = (info["visited"] >= 0) & (first < 0)
+            first[entered], first_told[entered] = info["visited"][entered], target[entered]
+        true_first = env.tasks[:, 0]
+        rows[told] = {"entered_told_colour_first": float(np.mean((first >= 0) & (first == first_told))),
+                      "entered_true_first_colour_first": float(np.mean((first >= 0) & (first == true_first))),
+                      "entered_no_colour": float(np.mean(first < 0)),
+                      "progress_counts": np.bincount(env.progress, minlength=4).tolist(),
+                      "mean_length": float(env.t.mean())}
+        print(told, rows[told])
+    name = f"ant_steer_{args.steps}{'_greedy' if args.greedy else ''}.json"
+    Path(__file__).with_name(name).write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pretrain the ant-cpu base model with another encoder or an oracle")
+    p.add_argument("--encoder", choices=("ego", "linear"), default="ego")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--oracle", action="store_true", help="add the true target colour to the model's input")
+    p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("steer", help="roll out the (ego) oracle model told the true or a wrong next colour")
+    p.add_argument("--steps", type=int, default=2000, help="which saved oracle model (its pretraining steps)")
+    p.add_argument("--episodes", type=int, default=128)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--greedy", action="store_true", help="mean torques instead of sampled ones")
+    p.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"pretrain": pretrain, "steer": steer}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
