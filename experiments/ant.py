@@ -14,6 +14,10 @@
       the oracle model of `pretrain --oracle --steps 2000` in 128 episodes of random pretraining tasks, told the
       true next colour, then a wrong one (the true one shifted by 1-3 per episode): which colour does it enter
       first? Writes experiments/ant_steer_2000[_greedy].json. About a minute.
+
+  python experiments/ant.py turns --steps 2000
+      held-out action NLL of the two saved models (`pretrain --encoder ego` with and without --oracle) on the steps
+      0-4, 5-19 and 20 or more steps after the target colour changed. Under a minute.
 """
 import argparse
 import json
@@ -128,6 +132,30 @@ def steer(args) -> None:
     Path(__file__).with_name(name).write_text(json.dumps(rows, indent=1))
 
 
+@torch.no_grad()
+def turns(args) -> None:
+    """Held-out action NLL of the plain ego model and the oracle model (both saved by `pretrain`), by the number of
+    steps since the target colour changed (t = 0 counts as a change)."""
+    run = etarl.Run("cpu", env="ant", progress=False)
+    test = run.data()[1]
+    cfg = run.cfg.model
+    cfg.encoder = "ego"
+    plain = etarl.build_model(cfg, "ant")
+    plain.load_state_dict(torch.load(Path(__file__).with_name(f"ant_ego_{args.steps}.pt")))
+    nll = {}
+    for name, model, data in (("plain", etarl.freeze(plain).eval(), test), ("oracle", oracle_model(args.steps), with_oracle(test))):
+        b = data.batch(np.arange(len(data)), "cpu")
+        nll[name] = -model.action_head.log_prob(model(b["obs"][:, :-1])["logits"], b["actions"]).numpy()
+    mask, goal = b["mask"].numpy(), test.subgoal[:, : b["mask"].shape[1]]
+    since = np.zeros_like(goal)
+    for t in range(1, goal.shape[1]):
+        since[:, t] = np.where(goal[:, t] != goal[:, t - 1], 0, since[:, t - 1] + 1)
+    for lo, hi in ((0, 5), (5, 20), (20, None)):
+        sel = mask & (since >= lo) & (since < (hi or goal.shape[1]))
+        print(f"{lo}-{hi or 'end'} steps after a target change: {sel.sum()} steps, held-out action NLL plain "
+              f"{nll['plain'][sel].mean():.3f}, oracle {nll['oracle'][sel].mean():.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,9 +170,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--greedy", action="store_true", help="mean torques instead of sampled ones")
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("turns", help="held-out NLL of the plain and the oracle model by steps since a target change")
+    p.add_argument("--steps", type=int, default=2000, help="which saved models (their pretraining steps)")
+    p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"pretrain": pretrain, "steer": steer}[args.command](args)
+    {"pretrain": pretrain, "steer": steer, "turns": turns}[args.command](args)
 
 
 if __name__ == "__main__":
