@@ -495,14 +495,8 @@ def ant_obs_dim(O: int = 4, W: int = 1) -> int:
     return 27 + 2 + 2 * (O + W) + 2
 
 
-def symlog(x):
-    """sign(x) ln(1 + |x|), for numpy arrays and torch tensors alike (the ant's proprioception is observed so)."""
-    return x.sign() * x.abs().log1p() if hasattr(x, "log1p") else np.sign(x) * np.log1p(np.abs(x))
-
-
-def symexp(x):
-    """The inverse of symlog."""
-    return x.sign() * x.abs().expm1() if hasattr(x, "expm1") else np.sign(x) * np.expm1(np.abs(x))
+def symlog(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
 
 
 class AntPinpad(gymnasium.Env):

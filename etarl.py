@@ -593,6 +593,11 @@ class EgoEncoder(nn.Module):
         return self.objects(idx).sum(-2) + self.agent_cell(cell[..., -1])   # (B, T, D)
 
 
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of envs.symlog, sign(x) (e^|x| - 1): the ant's proprioception is observed through symlog."""
+    return x.sign() * x.abs().expm1()
+
+
 class AntEgoEncoder(nn.Module):
     """Embed an ant observation together with the same observation turned into the torso's frame (deviation 22).
 
@@ -615,11 +620,11 @@ class AntEgoEncoder(nn.Module):
     def ego_features(self, obs: torch.Tensor) -> torch.Tensor:
         """(..., 2 n_objects + 2): each object's offset from the torso, then the torso's velocity, in the torso's
         frame (x forward along the torso's heading, y to its left)."""
-        w, x, y, z = envs.symexp(obs[..., self.QUAT]).unbind(-1)
+        w, x, y, z = symexp(obs[..., self.QUAT]).unbind(-1)
         yaw = torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
         c, s = torch.cos(yaw)[..., None], torch.sin(yaw)[..., None]
         world = torch.cat([obs[..., self.OBJECTS: self.OBJECTS + 2 * self.n_objects],
-                           envs.symexp(obs[..., self.VEL])], -1).unflatten(-1, (-1, 2))   # (..., n + 1, 2)
+                           symexp(obs[..., self.VEL])], -1).unflatten(-1, (-1, 2))   # (..., n + 1, 2)
         wx, wy = world.unbind(-1)
         return torch.stack([c * wx + s * wy, -s * wx + c * wy], -1).flatten(-2)
 

@@ -68,18 +68,34 @@ class OracleModel(etarl.BaseModel):
         return out
 
 
+def new_model(cfg: etarl.ModelConfig, oracle: bool) -> etarl.BaseModel:
+    """A fresh ant base model of `cfg`, with the oracle's extra input if asked."""
+    if not oracle:
+        return etarl.build_model(cfg, "ant")
+    model = OracleModel(cfg, obs_dim=etarl.envs.ant_obs_dim(), n_actions=8, env="ant")
+    model.encoder = OracleEncoder(model.encoder, cfg.d_model)
+    return model
+
+
+def saved_model(steps: int, oracle: bool) -> etarl.BaseModel:
+    """The ego model saved by `pretrain --encoder ego [--oracle] --steps <steps>`, frozen."""
+    cfg = etarl.get_preset("cpu", "ant").model
+    cfg.encoder = "ego"
+    model = new_model(cfg, oracle)
+    name = f"ant_ego{'_oracle' if oracle else ''}_{steps}.pt"
+    model.load_state_dict(torch.load(Path(__file__).with_name(name)))
+    return etarl.freeze(model).eval()
+
+
 def pretrain(args) -> None:
     run = etarl.Run("cpu", env="ant")
     train, test = run.data()
+    if args.oracle:
+        train, test = with_oracle(train), with_oracle(test)
     cfg = run.cfg
     cfg.model.encoder, cfg.pretrain.steps = args.encoder, args.steps
     torch.manual_seed(0)
-    if args.oracle:
-        train, test = with_oracle(train), with_oracle(test)
-        model = OracleModel(cfg.model, obs_dim=train.obs.shape[-1] - N_COLOURS, n_actions=8, env="ant")
-        model.encoder = OracleEncoder(model.encoder, cfg.model.d_model)
-    else:
-        model = etarl.build_model(cfg.model, "ant")
+    model = new_model(cfg.model, args.oracle)
     t0 = time.time()
     history = etarl.pretrain(model, train, test, cfg.pretrain, 0, cfg.probe)
     probes = etarl.probe_layers(etarl.freeze(model), test, cfg.probe).tolist()
@@ -90,22 +106,12 @@ def pretrain(args) -> None:
     print(name, "probes per layer", np.round(probes, 3).tolist(), f"{result['seconds']:.0f} s")
 
 
-def oracle_model(steps: int) -> OracleModel:
-    """The oracle model saved by `pretrain --encoder ego --oracle --steps <steps>`."""
-    cfg = etarl.get_preset("cpu", "ant").model
-    cfg.encoder = "ego"
-    model = OracleModel(cfg, obs_dim=etarl.envs.ant_obs_dim(), n_actions=8, env="ant")
-    model.encoder = OracleEncoder(model.encoder, cfg.d_model)
-    model.load_state_dict(torch.load(Path(__file__).with_name(f"ant_ego_oracle_{steps}.pt")))
-    return etarl.freeze(model).eval()
-
-
 @torch.no_grad()
 def steer(args) -> None:
     """Does the oracle model walk to the colour it is told? Episodes on random pretraining tasks, told the true
     next colour, or a wrong one: the true one shifted by 1-3 (drawn per episode). Reports which colour each
     episode entered first (the told one, the task's true first colour, or another), and the progress made."""
-    model = oracle_model(args.steps)
+    model = saved_model(args.steps, oracle=True)
     rows = {}
     for told in ("true", "shifted"):
         env = etarl.envs.AntPinpadVec(args.episodes)
@@ -136,14 +142,10 @@ def steer(args) -> None:
 def turns(args) -> None:
     """Held-out action NLL of the plain ego model and the oracle model (both saved by `pretrain`), by the number of
     steps since the target colour changed (t = 0 counts as a change)."""
-    run = etarl.Run("cpu", env="ant", progress=False)
-    test = run.data()[1]
-    cfg = run.cfg.model
-    cfg.encoder = "ego"
-    plain = etarl.build_model(cfg, "ant")
-    plain.load_state_dict(torch.load(Path(__file__).with_name(f"ant_ego_{args.steps}.pt")))
+    test = etarl.Run("cpu", env="ant", progress=False).data()[1]
     nll = {}
-    for name, model, data in (("plain", etarl.freeze(plain).eval(), test), ("oracle", oracle_model(args.steps), with_oracle(test))):
+    for name, oracle in (("plain", False), ("oracle", True)):
+        model, data = saved_model(args.steps, oracle), with_oracle(test) if oracle else test
         b = data.batch(np.arange(len(data)), "cpu")
         nll[name] = -model.action_head.log_prob(model(b["obs"][:, :-1])["logits"], b["actions"]).numpy()
     mask, goal = b["mask"].numpy(), test.subgoal[:, : b["mask"].shape[1]]
@@ -159,20 +161,17 @@ def turns(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain the ant-cpu base model with another encoder or an oracle")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--steps", type=int, default=2000, help="pretraining steps (of the saved models to use)")
+    common.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain the ant-cpu base model with another encoder or an oracle")
     p.add_argument("--encoder", choices=("ego", "linear"), default="ego")
-    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--oracle", action="store_true", help="add the true target colour to the model's input")
-    p.add_argument("--threads", type=int, default=1)
-    p = sub.add_parser("steer", help="roll out the (ego) oracle model told the true or a wrong next colour")
-    p.add_argument("--steps", type=int, default=2000, help="which saved oracle model (its pretraining steps)")
+    p = sub.add_parser("steer", parents=[common], help="roll out the ego oracle model told the true or a wrong next colour")
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--greedy", action="store_true", help="mean torques instead of sampled ones")
-    p.add_argument("--threads", type=int, default=1)
-    p = sub.add_parser("turns", help="held-out NLL of the plain and the oracle model by steps since a target change")
-    p.add_argument("--steps", type=int, default=2000, help="which saved models (their pretraining steps)")
-    p.add_argument("--threads", type=int, default=1)
+    sub.add_parser("turns", parents=[common], help="held-out NLL of the plain and the oracle model by steps since a target change")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"pretrain": pretrain, "steer": steer, "turns": turns}[args.command](args)
