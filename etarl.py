@@ -54,11 +54,11 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     posterior std of 0.05), and MetaConfig(read_norm=True), the metacontroller reads LayerNorm(e_t) (no
     parameters) instead of the raw stream, whose scale saturates its GRUs (the edit still applies to the raw
     stream). kl_delay, kl_warmup, logvar_init and read_norm together make the learned metacontroller use its
-    code, with a soft gate that does not switch at the subgoal boundaries (README, "What does not work yet").
+    code, with a soft gate that does not switch at the subgoal boundaries (experiments/README.md, section 3).
     MetaConfig(kl_per_switch=True) departs from Eq. 3: each step's KL penalty is weighted by its beta, so a
     code is paid for only when it is taken. With all five, gumbel_switch=True, switch_temperature=0.5 and
     batches of 256, the gate switches at the subgoal boundaries on 2 of 6 seeds (F1 0.95 and 0.94; on a CPU
-    1 of 3, F1 0.97), but the codes carry nothing about which subgoal (README). The presets keep the paper's
+    1 of 3, F1 0.97), but the codes carry nothing about which subgoal (experiments/README.md). The presets keep the paper's
     Eq. 3 with none of these.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
@@ -72,7 +72,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     the true number of subgoals; misaligned below F1 0.2; aligned at F1 >= 0.9; partially aligned between.
  9. Supervised controllers train with lr 1e-2 (paper 1e-3): at our 600 steps it fits and steers better.
     They train on the expert data, as the paper's; experiments/controllers.py also tries noisy and
-    every-order data with a shortest-path loss, which is not the paper's recipe (README).
+    every-order data with a shortest-path loss, which is not the paper's recipe (experiments/README.md, section 2).
 10. Post-training task and T: with T = 100, about 0.4% of layouts need more than 100 steps for the
     12-colour post-training task even for the expert (expert success 0.996 over 100k episodes).
 11. Internal RL: the causal policy is one GRU layer (width 64 at the cpu preset) with a Gaussian head whose
@@ -130,11 +130,11 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     shortest-path move toward the expert's current target) instead of Eq. 5's -ln p(expert's move), so that
     the grid's base model can pretrain on expert data with random moves (DataConfig.eps > 0) without
     learning to make them (as DART injects noise, Laskey et al. 2017). With eps = 0.1 it passes the gate
-    twice as soon and navigates better, but the supervised controllers barely gain (README).
+    twice as soon and navigates better, but the supervised controllers barely gain (experiments/README.md, section 2).
 22. An option, off in every preset: ModelConfig(encoder="ego") for the ant (AntEgoEncoder) also embeds every
     object's offset and the torso's velocity turned into the torso's frame (by minus the yaw of the observed
     quaternion), the ant's counterpart of deviation 1. On the ant-cpu data its colour probe stayed at chance
-    (0.235-0.249 at every layer after 2,000 steps), as the linear embedding's does (README, "The ant world").
+    (0.235-0.249 at every layer after 2,000 steps), as the linear embedding's does (README, "The ant world"; experiments/README.md, section 6).
 """
 from __future__ import annotations
 
@@ -692,7 +692,7 @@ class RGLRU(nn.Module):
     `linear_scan` does the same in log2(T) rounds (the two agree to rounding; a test checks it). Measured on
     an H200 (T = 500, one AdamW step of the whole model): 5x faster at the ant-cpu preset's 16 x 128, 1.5x
     slower (one measurement) at the ant-paper preset's 512 x 256, where the loop's steps fill the GPU and the
-    scan moves log2(T) times the data (`python experiments/timing.py`; README, "On a GPU").
+    scan moves log2(T) times the data (`python experiments/timing.py`; experiments/README.md, section 7).
     """
     c = 8.0
     scan_max = 2 ** 16

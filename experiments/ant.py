@@ -1,14 +1,19 @@
-"""Why the ant's base model does not learn where to go: the experiments behind the README's numbers.
+"""Why the ant's base model does not learn where to go: the experiments behind the lab notes
+(experiments/README.md, section 6).
 
-  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle]
+  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle] [--episodes N]
       the ant-cpu base model pretrained on the ant run's data (runs/ant-cpu-s0, made by `python etarl.py --env
       ant --force` or made here) with another observation encoder ("ego": the torso-frame view, deviation 22;
       "linear": the preset's), the preset's schedule cut to --steps (the cosine decays over the cut length), seed
       0. With --oracle the true target colour (one-hot) is added to the model's input, through an embedding of its
       own, and is never a target of the observation head: how much better would the model predict the expert's
       torques if it knew where the expert was going? The quality gate (held-out action R^2, colour probe at L/2)
-      is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle]_<steps>.json (history, probes per
-      layer) and the model (.pt). About 9-14 minutes per 1,000 steps on one thread beside other jobs on 2 cores.
+      is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle]_<steps>[_n<N>].json (history, probes
+      per layer) and the model (.pt). About 9-14 minutes per 1,000 steps on one thread beside other jobs on 2 cores.
+      With --episodes N it trains on N noisy expert episodes instead of the run's 800 (the same seeds 0..N-1, so
+      the run's 800 among them; generated on 2 worker processes, about 0.1 s each, and cached in
+      experiments/ant_train_<N>.npz): does the colour probe leave chance when the same number of draws comes from
+      more distinct episodes?
 
   python experiments/ant.py steer --steps 2000 [--greedy]
       the oracle model of `pretrain --oracle --steps 2000` in 128 episodes of random pretraining tasks, told the
@@ -87,9 +92,20 @@ def saved_model(steps: int, oracle: bool) -> etarl.BaseModel:
     return etarl.freeze(model).eval()
 
 
+def more_episodes(run: etarl.Run, n: int) -> etarl.AntEpisodes:
+    """n noisy training episodes from the run's seeds 0..n-1 (a superset of the run's own), cached."""
+    path = Path(__file__).with_name(f"ant_train_{n}.npz")
+    if not path.exists():
+        c = run.cfg.data
+        etarl.generate_ant_episodes(n, run.seed * 10**7, noise=c.noise, progress=True, workers=2).save(path)
+    return etarl.AntEpisodes.load(path)
+
+
 def pretrain(args) -> None:
     run = etarl.Run("cpu", env="ant")
     train, test = run.data()
+    if args.episodes:
+        train = more_episodes(run, args.episodes)
     if args.oracle:
         train, test = with_oracle(train), with_oracle(test)
     cfg = run.cfg
@@ -99,7 +115,8 @@ def pretrain(args) -> None:
     t0 = time.time()
     history = etarl.pretrain(model, train, test, cfg.pretrain, 0, cfg.probe)
     probes = etarl.probe_layers(etarl.freeze(model), test, cfg.probe).tolist()
-    name = f"ant_{args.encoder}{'_oracle' if args.oracle else ''}_{args.steps}"
+    suffix = f"_n{args.episodes}" if args.episodes else ""
+    name = f"ant_{args.encoder}{'_oracle' if args.oracle else ''}_{args.steps}{suffix}"
     result = {"args": vars(args), "seconds": time.time() - t0, "probes": probes, "history": history}
     Path(__file__).with_name(f"{name}.json").write_text(json.dumps(result, indent=1))
     torch.save(model.state_dict(), Path(__file__).with_name(f"{name}.pt"))
@@ -167,6 +184,7 @@ def main() -> None:
     p = sub.add_parser("pretrain", parents=[common], help="pretrain the ant-cpu base model with another encoder or an oracle")
     p.add_argument("--encoder", choices=("ego", "linear"), default="ego")
     p.add_argument("--oracle", action="store_true", help="add the true target colour to the model's input")
+    p.add_argument("--episodes", type=int, default=0, help="train on this many expert episodes (default: the run's 800)")
     p = sub.add_parser("steer", parents=[common], help="roll out the ego oracle model told the true or a wrong next colour")
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--seed", type=int, default=123)

@@ -1,4 +1,5 @@
-"""Why the supervised controllers fail on the gridworld: the experiments behind the README's numbers.
+"""Why the supervised controllers fail on the gridworld: the experiments behind the lab notes
+(experiments/README.md, section 2).
 
 Three commands, each printing one line per measurement and writing a JSON file:
 

@@ -1,5 +1,5 @@
 """Why the metacontroller collapses on the gridworld, and what it learns when it does not: the diagnostics
-behind the README's numbers.
+behind the lab notes (experiments/README.md, section 3).
 
 Every command runs on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), prints one line per
 measurement and writes a JSON file. `oracle` and `decoder` can hand the truth (subgoal labels, boundaries, the
