@@ -1,7 +1,7 @@
 """Why the ant's base model does not learn where to go: the experiments behind the lab notes
 (experiments/README.md, section 6).
 
-  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle] [--episodes N]
+  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle] [--train-episodes N]
       the ant-cpu base model pretrained on the ant run's data (runs/ant-cpu-s0, made by `python etarl.py --env
       ant --force` or made here) with another observation encoder ("ego": the torso-frame view, deviation 22;
       "linear": the preset's), the preset's schedule cut to --steps (the cosine decays over the cut length), seed
@@ -10,17 +10,17 @@
       torques if it knew where the expert was going? The quality gate (held-out action R^2, colour probe at L/2)
       is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle]_<steps>[_n<N>].json (history, probes
       per layer) and the model (.pt). About 9-14 minutes per 1,000 steps on one thread beside other jobs on 2 cores.
-      With --episodes N it trains on N noisy expert episodes instead of the run's 800 (the same seeds 0..N-1, so
-      the run's 800 among them; generated on 2 worker processes, about 0.1 s each, and cached in
-      experiments/ant_train_<N>.npz): does the colour probe leave chance when the same number of draws comes from
-      more distinct episodes?
+      With --train-episodes N it trains on N noisy expert episodes instead of the run's 800 (the same seeds
+      0..N-1, so the run's 800 among them; generated on 2 worker processes, about 0.07 s each, and cached in
+      experiments/ant_train_<N>.npz): does the colour probe leave chance when the same number of draws comes
+      from more distinct episodes?
 
-  python experiments/ant.py steer --steps 2000 [--greedy]
+  python experiments/ant.py steer --steps 2000 [--greedy] [--train-episodes N]
       the oracle model of `pretrain --oracle --steps 2000` in 128 episodes of random pretraining tasks, told the
       true next colour, then a wrong one (the true one shifted by 1-3 per episode): which colour does it enter
-      first? Writes experiments/ant_steer_2000[_greedy].json. About a minute.
+      first? Writes experiments/ant_steer_2000[_n<N>][_greedy].json. About a minute.
 
-  python experiments/ant.py turns --steps 2000
+  python experiments/ant.py turns --steps 2000 [--train-episodes N]
       held-out action NLL of the two saved models (`pretrain --encoder ego` with and without --oracle) on the steps
       0-4, 5-19 and 20 or more steps after the target colour changed. Under a minute.
 """
@@ -82,12 +82,16 @@ def new_model(cfg: etarl.ModelConfig, oracle: bool) -> etarl.BaseModel:
     return model
 
 
-def saved_model(steps: int, oracle: bool) -> etarl.BaseModel:
-    """The ego model saved by `pretrain --encoder ego [--oracle] --steps <steps>`, frozen."""
+def model_name(encoder: str, oracle: bool, steps: int, episodes: int) -> str:
+    return f"ant_{encoder}{'_oracle' if oracle else ''}_{steps}{f'_n{episodes}' if episodes else ''}"
+
+
+def saved_model(steps: int, oracle: bool, episodes: int = 0) -> etarl.BaseModel:
+    """The ego model saved by `pretrain --encoder ego [--oracle] --steps <steps> [--train-episodes N]`, frozen."""
     cfg = etarl.get_preset("cpu", "ant").model
     cfg.encoder = "ego"
     model = new_model(cfg, oracle)
-    name = f"ant_ego{'_oracle' if oracle else ''}_{steps}.pt"
+    name = model_name("ego", oracle, steps, episodes) + ".pt"
     model.load_state_dict(torch.load(Path(__file__).with_name(name)))
     return etarl.freeze(model).eval()
 
@@ -104,8 +108,8 @@ def more_episodes(run: etarl.Run, n: int) -> etarl.AntEpisodes:
 def pretrain(args) -> None:
     run = etarl.Run("cpu", env="ant")
     train, test = run.data()
-    if args.episodes:
-        train = more_episodes(run, args.episodes)
+    if args.train_episodes:
+        train = more_episodes(run, args.train_episodes)
     if args.oracle:
         train, test = with_oracle(train), with_oracle(test)
     cfg = run.cfg
@@ -115,8 +119,7 @@ def pretrain(args) -> None:
     t0 = time.time()
     history = etarl.pretrain(model, train, test, cfg.pretrain, 0, cfg.probe)
     probes = etarl.probe_layers(etarl.freeze(model), test, cfg.probe).tolist()
-    suffix = f"_n{args.episodes}" if args.episodes else ""
-    name = f"ant_{args.encoder}{'_oracle' if args.oracle else ''}_{args.steps}{suffix}"
+    name = model_name(args.encoder, args.oracle, args.steps, args.train_episodes)
     result = {"args": vars(args), "seconds": time.time() - t0, "probes": probes, "history": history}
     Path(__file__).with_name(f"{name}.json").write_text(json.dumps(result, indent=1))
     torch.save(model.state_dict(), Path(__file__).with_name(f"{name}.pt"))
@@ -128,7 +131,7 @@ def steer(args) -> None:
     """Does the oracle model walk to the colour it is told? Episodes on random pretraining tasks, told the true
     next colour, or a wrong one: the true one shifted by 1-3 (drawn per episode). Reports which colour each
     episode entered first (the told one, the task's true first colour, or another), and the progress made."""
-    model = saved_model(args.steps, oracle=True)
+    model = saved_model(args.steps, oracle=True, episodes=args.train_episodes)
     rows = {}
     for told in ("true", "shifted"):
         env = etarl.envs.AntPinpadVec(args.episodes)
@@ -151,7 +154,8 @@ def steer(args) -> None:
                       "progress_counts": np.bincount(env.progress, minlength=4).tolist(),
                       "mean_length": float(env.t.mean())}
         print(told, rows[told])
-    name = f"ant_steer_{args.steps}{'_greedy' if args.greedy else ''}.json"
+    trained = f"_n{args.train_episodes}" if args.train_episodes else ""
+    name = f"ant_steer_{args.steps}{trained}{'_greedy' if args.greedy else ''}.json"
     Path(__file__).with_name(name).write_text(json.dumps(rows, indent=1))
 
 
@@ -162,7 +166,7 @@ def turns(args) -> None:
     test = etarl.Run("cpu", env="ant", progress=False).data()[1]
     nll = {}
     for name, oracle in (("plain", False), ("oracle", True)):
-        model, data = saved_model(args.steps, oracle), with_oracle(test) if oracle else test
+        model, data = saved_model(args.steps, oracle, args.train_episodes), with_oracle(test) if oracle else test
         b = data.batch(np.arange(len(data)), "cpu")
         nll[name] = -model.action_head.log_prob(model(b["obs"][:, :-1])["logits"], b["actions"]).numpy()
     mask, goal = b["mask"].numpy(), test.subgoal[:, : b["mask"].shape[1]]
@@ -180,11 +184,12 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--steps", type=int, default=2000, help="pretraining steps (of the saved models to use)")
+    common.add_argument("--train-episodes", type=int, default=0,
+                        help="training episodes (of the saved models to use; default 0: the run's 800)")
     common.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("pretrain", parents=[common], help="pretrain the ant-cpu base model with another encoder or an oracle")
     p.add_argument("--encoder", choices=("ego", "linear"), default="ego")
     p.add_argument("--oracle", action="store_true", help="add the true target colour to the model's input")
-    p.add_argument("--episodes", type=int, default=0, help="train on this many expert episodes (default: the run's 800)")
     p = sub.add_parser("steer", parents=[common], help="roll out the ego oracle model told the true or a wrong next colour")
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--seed", type=int, default=123)
