@@ -58,8 +58,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     MetaConfig(kl_per_switch=True) departs from Eq. 3: each step's KL penalty is weighted by its beta, so a
     code is paid for only when it is taken. With all five, gumbel_switch=True, switch_temperature=0.5 and
     batches of 256, the gate switches at the subgoal boundaries on 2 of 6 seeds (F1 0.95 and 0.94; on a CPU
-    1 of 3, F1 0.97), but the codes carry nothing about which subgoal (experiments/README.md). The presets keep the paper's
-    Eq. 3 with none of these.
+    1 of 3, F1 0.97), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The
+    presets keep the paper's Eq. 3 with none of these.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
@@ -72,7 +72,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     the true number of subgoals; misaligned below F1 0.2; aligned at F1 >= 0.9; partially aligned between.
  9. Supervised controllers train with lr 1e-2 (paper 1e-3): at our 600 steps it fits and steers better.
     They train on the expert data, as the paper's; experiments/controllers.py also tries noisy and
-    every-order data with a shortest-path loss, which is not the paper's recipe (experiments/README.md, section 2).
+    every-order data with a shortest-path loss, which is not the paper's recipe (experiments/README.md,
+    section 2).
 10. Post-training task and T: with T = 100, about 0.4% of layouts need more than 100 steps for the
     12-colour post-training task even for the expert (expert success 0.996 over 100k episodes).
 11. Internal RL: the causal policy is one GRU layer (width 64 at the cpu preset) with a Gaussian head whose
@@ -130,11 +131,13 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     shortest-path move toward the expert's current target) instead of Eq. 5's -ln p(expert's move), so that
     the grid's base model can pretrain on expert data with random moves (DataConfig.eps > 0) without
     learning to make them (as DART injects noise, Laskey et al. 2017). With eps = 0.1 it passes the gate
-    twice as soon and navigates better, but the supervised controllers barely gain (experiments/README.md, section 2).
+    twice as soon and navigates better, but the supervised controllers barely gain (experiments/README.md,
+    section 2).
 22. An option, off in every preset: ModelConfig(encoder="ego") for the ant (AntEgoEncoder) also embeds every
     object's offset and the torso's velocity turned into the torso's frame (by minus the yaw of the observed
     quaternion), the ant's counterpart of deviation 1. On the ant-cpu data its colour probe stayed at chance
-    (0.235-0.249 at every layer after 2,000 steps), as the linear embedding's does (README, "The ant world"; experiments/README.md, section 6).
+    (0.235-0.249 at every layer after 2,000 steps), as the linear embedding's does (experiments/README.md,
+    section 6).
 """
 from __future__ import annotations
 
@@ -602,9 +605,9 @@ class AntEgoEncoder(nn.Module):
     """Embed an ant observation together with the same observation turned into the torso's frame (deviation 22).
 
     The ant walks without turning (envs.gait_action), so its torques depend on where the next cell towards the
-    target lies in the torso's frame, while the observation gives every colour cell and wall in world axes. This encoder appends
-    the object offsets and the torso's horizontal velocity rotated by minus the torso's yaw (read from the
-    observed quaternion), then embeds everything linearly: a fixed, parameter-free re-expression of the
+    target lies in the torso's frame, while the observation gives every colour cell and wall in world axes. This
+    encoder appends the object offsets and the torso's horizontal velocity rotated by minus the torso's yaw (read
+    from the observed quaternion), then embeds everything linearly: a fixed, parameter-free re-expression of the
     same observation, as EgoEncoder is for the grid. Indices follow envs.AntPinpad's observation layout.
     """
 

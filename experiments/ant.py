@@ -82,8 +82,9 @@ def new_model(cfg: etarl.ModelConfig, oracle: bool) -> etarl.BaseModel:
     return model
 
 
-def model_name(encoder: str, oracle: bool, steps: int, episodes: int) -> str:
-    return f"ant_{encoder}{'_oracle' if oracle else ''}_{steps}{f'_n{episodes}' if episodes else ''}"
+def result_name(kind: str, steps: int, episodes: int, oracle: bool = False) -> str:
+    """The file stem of a saved result: ant_<kind>[_oracle]_<steps>[_n<episodes>]."""
+    return f"ant_{kind}{'_oracle' if oracle else ''}_{steps}{f'_n{episodes}' if episodes else ''}"
 
 
 def saved_model(steps: int, oracle: bool, episodes: int = 0) -> etarl.BaseModel:
@@ -91,7 +92,7 @@ def saved_model(steps: int, oracle: bool, episodes: int = 0) -> etarl.BaseModel:
     cfg = etarl.get_preset("cpu", "ant").model
     cfg.encoder = "ego"
     model = new_model(cfg, oracle)
-    name = model_name("ego", oracle, steps, episodes) + ".pt"
+    name = result_name("ego", steps, episodes, oracle) + ".pt"
     model.load_state_dict(torch.load(Path(__file__).with_name(name)))
     return etarl.freeze(model).eval()
 
@@ -119,7 +120,7 @@ def pretrain(args) -> None:
     t0 = time.time()
     history = etarl.pretrain(model, train, test, cfg.pretrain, 0, cfg.probe)
     probes = etarl.probe_layers(etarl.freeze(model), test, cfg.probe).tolist()
-    name = model_name(args.encoder, args.oracle, args.steps, args.train_episodes)
+    name = result_name(args.encoder, args.steps, args.train_episodes, args.oracle)
     result = {"args": vars(args), "seconds": time.time() - t0, "probes": probes, "history": history}
     Path(__file__).with_name(f"{name}.json").write_text(json.dumps(result, indent=1))
     torch.save(model.state_dict(), Path(__file__).with_name(f"{name}.pt"))
@@ -154,8 +155,7 @@ def steer(args) -> None:
                       "progress_counts": np.bincount(env.progress, minlength=4).tolist(),
                       "mean_length": float(env.t.mean())}
         print(told, rows[told])
-    trained = f"_n{args.train_episodes}" if args.train_episodes else ""
-    name = f"ant_steer_{args.steps}{trained}{'_greedy' if args.greedy else ''}.json"
+    name = result_name("steer", args.steps, args.train_episodes) + ("_greedy" if args.greedy else "") + ".json"
     Path(__file__).with_name(name).write_text(json.dumps(rows, indent=1))
 
 
