@@ -497,6 +497,16 @@ def test_supervised_controllers_lower_the_action_nll(trained):
     assert controlled < base - 0.02
 
 
+def test_train_controllers_trains_a_given_module(trained):
+    """A module passed as `ctrl` is the one trained and returned, whatever its form (the experiments train other
+    edits than Eq. 1's this way): here full-rank controllers although the config asks for rank 8."""
+    model, _, train, _ = trained
+    given = etarl.SubgoalControllers(4, model.cfg.d_model, layer=1, rank=0)
+    cfg = etarl.ControlConfig(rank=8, steps=20, batch_size=16, lr=1e-2)
+    ctrl, history = etarl.train_controllers(model, train, layer=1, cfg=cfg, progress=False, ctrl=given)
+    assert ctrl is given and given.U.abs().sum() > 0 and len(history["action_nll"]) == 20
+
+
 def test_frozen_base_model_does_not_change(trained):
     """Training controllers leaves every base-model parameter untouched."""
     model, _, train, _ = trained

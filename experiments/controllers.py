@@ -1,7 +1,7 @@
 """Why the supervised controllers fail on the gridworld: the experiments behind the lab notes
 (experiments/README.md, section 2).
 
-Three commands, each printing one line per measurement and writing a JSON file:
+Four commands, each printing one line per measurement and writing a JSON file:
 
   python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
       on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised
@@ -20,7 +20,23 @@ Three commands, each printing one line per measurement and writing a JSON file:
       (bf16 autocast, warm-up and cosine over the budget), its quality gate and probes, then the
       cpu preset's controllers at every layer (on 200k noise-free episodes when --eps > 0). About 6 minutes on
       an H200. The cosine (etarl.lr_at) has its length estimated from the first 50 steps (on a GPU that includes
-      its warm-up), and stays at its floor if the run outlasts the estimate.
+      its warm-up), and stays at its floor if the run outlasts the estimate. It also runs on a CPU; --encoder
+      linear trains the plain embedding instead of the agent-centred one, --save keeps the model (for `history`).
+
+  python experiments/controllers.py variants --edit bias    (or --edit mlp, --edit none)
+      the same with another form of edit than Eq. 1's U_k e: a constant vector b_k per subgoal added to the
+      stream (a steering vector), or a ReLU MLP of the normed stream per subgoal (hidden 256, zero output at
+      the start), to ask whether the linear form is what limits the controllers; `none` scores the uncontrolled
+      model the same way. About 5, 10 and 3 minutes. With --inside, Eq. 1's controllers act inside block --layer,
+      after the attention that reads the history and before the MLP, instead of before the block.
+
+  python experiments/controllers.py history [--base FILE]
+      where the base model reads its target from the history and where it chooses its move, after each block l:
+      the history cut (each step's stream after block l sent through the blocks from l on as a sequence of that
+      one step, so they see no earlier step) and the logit lens (the final norm and action head applied to the
+      stream after block l, skipping the blocks after it), both scored as shortest-path mass at t = 0 and on
+      first- and second-colour steps; also the model's shortest-path mass by the number of steps since the
+      current target began. About a minute.
 
   python experiments/controllers.py failures [--eps 0.1 --action-loss shortest]
       where episodes fail: the rate of failing at each colour of the task among the episodes that reach it, with
@@ -44,6 +60,7 @@ import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -67,7 +84,80 @@ def shortest_path_mass(model, data: etarl.Episodes, control_fn=None, n: int = 10
     for t in range(1, target.shape[1]):
         since[:, t] = torch.where(target[:, t] == target[:, t - 1], since[:, t - 1] + 1, 0)
     return {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(), "sp_second": sp[m & ~first].mean().item(),
-            "sp_first_by_steps_since_start": [sp[first & (since == k)].mean().item() for k in range(6)]}
+            "sp_first_by_steps_since_start": [sp[first & (since == k)].mean().item() for k in range(6)],
+            "sp_second_by_steps_since_start": [sp[m & ~first & (since == k)].mean().item() for k in range(6)]}
+
+
+class OtherEdits(torch.nn.Module):
+    """One edit per subgoal in another form than Eq. 1's U_k e, for `variants --edit`: a constant vector b_k added
+    to the stream ("bias": a steering vector), or b_k plus a ReLU MLP of the LayerNormed stream ("mlp", hidden 256,
+    output weights starting at zero). Called with subgoal (B, T) or (B,), it gives the edit's callable for
+    BaseModel.forward (anything with .layer and e -> edit)."""
+
+    def __init__(self, n_subgoals: int, d_model: int, layer: int, form: str, hidden: int = 256):
+        super().__init__()
+        self.layer, self.form = layer, form
+        self.b = torch.nn.Parameter(torch.zeros(n_subgoals, d_model))
+        if form == "mlp":
+            self.W1 = torch.nn.Parameter(torch.randn(n_subgoals, d_model, hidden) / d_model ** 0.5)
+            self.b1 = torch.nn.Parameter(torch.zeros(n_subgoals, hidden))
+            self.W2 = torch.nn.Parameter(torch.zeros(n_subgoals, hidden, d_model))
+
+    def forward(self, subgoal: torch.Tensor):
+        k = subgoal.clamp(min=0)
+        k = k[:, None] if k.dim() == 1 else k                         # one step of a rollout: (B,) -> (B, 1)
+
+        def edit(e):                                                  # e (B, T, D)
+            if self.form == "bias":
+                return self.b[k]
+            one_hot = torch.nn.functional.one_hot(k, len(self.b)).to(e.dtype)          # (B, T, K)
+            h = torch.relu(torch.einsum("btd,kdh->btkh", torch.nn.functional.layer_norm(e, e.shape[-1:]), self.W1)
+                           + self.b1)
+            return torch.einsum("btkh,btk,khd->btd", h, one_hot, self.W2) + self.b[k]
+        edit.layer = self.layer
+        return edit
+
+
+class InsideBlock(torch.nn.Module):
+    """A base model's block with a one-shot edit between its attention and its MLP: an edit armed by EditInside is
+    applied in the next forward pass only, so the model runs uncontrolled unless an edit was just armed."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.edit = block, None
+
+    def forward(self, x, pos, cache=None):
+        x = x + self.block.mixer(self.block.norm1(x), pos, cache)
+        if self.edit is not None:
+            x, self.edit = x + self.edit(x), None
+        return x + self.block.mlp(self.block.norm2(x))
+
+
+class EditInside(torch.nn.Module):
+    """Eq. 1's controllers applied inside block `layer`, after its attention (which reads the history) and before
+    its MLP, for `variants --inside`. It installs InsideBlock in the model; called with subgoals (B, T) or (B,), it
+    arms that block's edit and returns a control that BaseModel.forward itself never applies (layer -1)."""
+
+    def __init__(self, model, n_subgoals: int, layer: int, rank: int):
+        super().__init__()
+        self.inner = etarl.SubgoalControllers(n_subgoals, model.cfg.d_model, layer, rank)
+        if not isinstance(model.blocks[layer], InsideBlock):
+            model.blocks[layer] = InsideBlock(model.blocks[layer])
+        self.__dict__["block"] = model.blocks[layer]                  # not a submodule: not trained, not saved
+
+    def forward(self, subgoal: torch.Tensor):
+        control = self.inner(subgoal)
+        self.block.edit = control.step_view() if subgoal.dim() == 1 else control
+        return SimpleNamespace(layer=-1)
+
+
+def control_fn(ctrl):
+    """Switch the edits by the environment's current subgoal, as etarl.subgoal_control_fn does for Eq. 1's."""
+    if ctrl is None:
+        return None
+    if isinstance(ctrl, etarl.SubgoalControllers):
+        return etarl.subgoal_control_fn(ctrl)
+    return lambda env: ctrl(torch.as_tensor(np.maximum(env.subgoal, 0), device=next(ctrl.parameters()).device))
 
 
 def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
@@ -75,11 +165,11 @@ def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
     sampled as the pipeline does, and greedy."""
     out = shortest_path_mass(model, data, ctrl)
     for task in TASKS:
-        r = etarl.rollout(model, envs.parse_task(task), episodes, 1, etarl.subgoal_control_fn(ctrl))
+        r = etarl.rollout(model, envs.parse_task(task), episodes, 1, control_fn(ctrl))
         out[task] = float(r["success"].mean())
         out[task + " progress"] = np.bincount(r["progress"], minlength=len(envs.parse_task(task)) + 1).tolist()
         out[task + " greedy"] = float(etarl.rollout(model, envs.parse_task(task), episodes, 1,
-                                                    etarl.subgoal_control_fn(ctrl), greedy=True)["success"].mean())
+                                                    control_fn(ctrl), greedy=True)["success"].mean())
     return out
 
 
@@ -107,9 +197,21 @@ def own_episodes(model, ctrl, n: int, seed: int, orders: str) -> etarl.Episodes:
     return concatenate(parts)
 
 
-def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None) -> etarl.SubgoalControllers:
+def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None, edit="linear", inside=False):
     """etarl.train_controllers with the action NLL restricted to some steps (`loss_on`: all, t0, first), or
-    with the loss -ln p(shortest-path moves) on every step (`set`); `ctrl` continues training those."""
+    with the loss -ln p(shortest-path moves) on every step (`set`); `ctrl` continues training those. `edit`
+    "bias" or "mlp" trains OtherEdits instead of Eq. 1's controllers, by etarl.train_controllers with the preset's
+    ControlConfig but for lr and steps; "none" returns None (no edit). `inside` trains Eq. 1's controllers inside
+    block `layer` (EditInside), the same way."""
+    if edit == "none":                                            # the uncontrolled model, scored the same way
+        return None
+    if edit != "linear" or inside:
+        torch.manual_seed(seed)
+        K, D, device = int(data.subgoal.max()) + 1, model.cfg.d_model, next(model.parameters()).device
+        ctrl = (EditInside(model, K, layer, rank) if inside else OtherEdits(K, D, layer, edit)).to(device)
+        etarl.train_controllers(model, data, layer, etarl.ControlConfig(lr=lr, steps=steps), seed, progress=False,
+                                ctrl=ctrl)
+        return ctrl
     if loss_on == "all" and ctrl is None:
         return etarl.train_controllers(model, data, layer, etarl.ControlConfig(rank=rank, lr=lr, steps=steps), seed,
                                        progress=False)[0]
@@ -150,8 +252,18 @@ def variants(args) -> dict:
     elif args.eps > 0:
         train = etarl.generate_episodes(200_000, 10**8, eps=args.eps)
     t0 = time.time()
-    ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on)
+    if (args.edit != "linear" or args.inside) and (args.loss_on != "all" or args.dagger):
+        raise SystemExit("--edit and --inside train with the preset's loss on every step, without --loss-on or --dagger")
+    if args.inside and args.edit != "linear":
+        raise SystemExit("--inside applies Eq. 1's controllers (--edit linear) inside a block")
+    ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on, edit=args.edit,
+                        inside=args.inside)
     out = {"train_s": time.time() - t0, "base": shortest_path_mass(model, test)}    # with --dagger: rounds' rollouts too
+    if isinstance(ctrl, OtherEdits):                              # the vectors' size against the stream's
+        with torch.no_grad():
+            b = test.batch(np.arange(200), "cpu")
+            e = model(b["obs"][:, :-1], return_residuals=True)["residuals"][args.layer][b["mask"]]
+        out["b_norm"], out["stream_norm"] = ctrl.b.norm(dim=-1).tolist(), e.norm(dim=-1).mean().item()
     own, rng = None, np.random.default_rng(1)
     for k in range(args.dagger):                   # DAgger: add the controlled model's own episodes, relabelled
         out[f"round {k}"] = evaluate(model, ctrl, test, 300)
@@ -162,6 +274,37 @@ def variants(args) -> dict:
         ctrl = train_masked(model, mixed, args.layer, args.rank, args.lr, args.dagger_steps, "set", seed=k + 1, ctrl=ctrl)
         out["train_s"] = time.time() - t0
     return {**out, **evaluate(model, ctrl, test, 300)}
+
+
+def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict:
+    """For each layer l: shortest-path mass when the blocks from l on see no earlier step (history cut), and when the
+    final norm and action head read the stream after block l (logit lens); at t = 0, first- and second-colour steps."""
+    device = next(model.parameters()).device
+    b = data.batch(np.arange(n), device)
+    m, target = b["mask"], b["target"]
+    first, second = m & (target % 2 == 0), m & (target % 2 == 1)
+    out = {}
+    with torch.no_grad():
+        residuals = model(b["obs"][:, :-1], return_residuals=True)["residuals"]
+        B, T, D = residuals[0].shape
+        for l in range(len(model.blocks) + 1):
+            e = residuals[l].reshape(B * T, 1, D)                # every step alone, as a sequence of one
+            for block in model.blocks[l:]:
+                e = block(e, torch.zeros(1, dtype=torch.long, device=device))
+            cut = (model.action_head(model.norm(e)).reshape(B, T, -1).softmax(-1) * b["optimal"]).sum(-1)
+            lens = (model.action_head(model.norm(residuals[l])).softmax(-1) * b["optimal"]).sum(-1)
+            for name, sp in ((f"history cut from block {l}", cut), (f"logit lens at layer {l}", lens)):
+                out[name] = {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(),
+                             "sp_second": sp[second].mean().item()}
+                print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def history(args) -> dict:
+    """Where the cpu base model (or --base) reads its target from the history and chooses its move."""
+    run = etarl.Run("cpu", progress=False)
+    model, test = etarl.freeze(etarl.load_model(args.base) if args.base else run.base_model()[0]), run.data()[1]
+    return {"base": shortest_path_mass(model, test, n=2000), **where_the_move_is_chosen(model, test)}
 
 
 def failure_rates(progress: np.ndarray, success: np.ndarray, length: int) -> list:
@@ -236,7 +379,7 @@ def scale(args) -> dict:
         clean = train if args.eps == 0 else concatenate(pool.map(      # the controllers train on noise-free episodes
             _generate, [(chunk, 10**7 + s, 0.0) for s in range(0, min(args.episodes, 200_000), chunk)]))
     test = etarl.generate_episodes(2000, 5 * 10**6)
-    cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512)
+    cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512, encoder=args.encoder)
     model = etarl.build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.03)
     rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
@@ -260,6 +403,9 @@ def scale(args) -> dict:
     etarl.freeze(model)
     out["base"] = {**shortest_path_mass(model, test), TASKS[-1]: float(etarl.rollout(
         model, envs.parse_task(TASKS[-1]), 500, 1)["success"].mean())}
+    out.update(where_the_move_is_chosen(model, test))
+    if args.save:
+        etarl.save_model(model, args.save)
     print(json.dumps(out), flush=True)
     for layer in range(1, args.layers):
         ctrl, _ = etarl.train_controllers(model, clean, layer, etarl.ControlConfig(), 0, progress=False)
@@ -284,6 +430,13 @@ if __name__ == "__main__":
     v.add_argument("--dagger", type=int, default=0, help="rounds of training on the controlled model's own episodes")
     v.add_argument("--dagger-episodes", type=int, default=5000, help="own episodes added per round")
     v.add_argument("--dagger-steps", type=int, default=300, help="training steps per round (loss: set)")
+    v.add_argument("--edit", choices=("linear", "bias", "mlp", "none"), default="linear",
+                   help="the form of the edit: Eq. 1's U e (linear), a steering vector (bias), an MLP (OtherEdits), "
+                        "or none (the uncontrolled model, scored the same way)")
+    v.add_argument("--inside", action="store_true",
+                   help="apply the controllers inside block --layer, after its attention, before its MLP (EditInside)")
+    h = sub.add_parser("history")
+    h.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. saved by `scale`)")
     s = sub.add_parser("scale")
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--layers", type=int, default=6)
@@ -293,14 +446,17 @@ if __name__ == "__main__":
     s.add_argument("--episodes", type=int, default=1_000_000)
     s.add_argument("--eps", type=float, default=0.0, help="the expert's random-action rate in the pretraining data")
     s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    s.add_argument("--encoder", choices=("ego", "linear"), default="ego", help="the observation embedding (deviation 1)")
+    s.add_argument("--save", default=None, help="save the trained base model to this file")
     f = sub.add_parser("failures")
     f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")
     f.add_argument("--action-loss", choices=("expert", "shortest"), default="expert",
                    help="its action loss (PretrainConfig.action_loss)")
-    for p in (v, s, f):
+    for p in (v, s, f, h):
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
-    result = {"args": vars(args), **{"variants": variants, "scale": scale, "failures": failures}[args.command](args)}
+    commands = {"variants": variants, "scale": scale, "history": history, "failures": failures}
+    result = {"args": vars(args), **commands[args.command](args)}
     path = args.out or f"experiments/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if "progress" not in k}, indent=1))
