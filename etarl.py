@@ -28,9 +28,10 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     offset from the agent, plus the agent's absolute cell) and embedded linearly, written as a sum of
     embedding lookups. The paper does not say how it embeds observations. The re-centring is a fixed,
     parameter-free re-indexing of the same observation; `encoder="linear"` gives the plain embedding,
-    which at our scale never learned the task (subgoal probe at chance). A cost, measured: with the re-centring the
-    model has chosen its move by L/2 (with the plain embedding the move comes out of the last two blocks), which we
-    think is why controllers at L/2 do not carry it to new subgoal orders (experiments/README.md, section 2).
+    which at our scale never learned the task (subgoal probe at chance). Measured since: with the re-centring the
+    model has chosen its move by L/2 (with the plain embedding the move comes out of the last two blocks); we think
+    this is why controllers at L/2 do not carry the model across unseen subgoal transitions (experiments/README.md,
+    section 2).
  2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr 2e-3 and batch 64 at the
     cpu preset (paper: constant 3e-4, batch 1024).
  3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS). The paper does
@@ -1197,10 +1198,11 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def train_controllers(model: BaseModel, data: Episodes, layer: int, cfg: ControlConfig, seed: int = 0,
-                      progress: bool = True, ctrl: nn.Module | None = None) -> tuple[SubgoalControllers, dict]:
+                      progress: bool = True, ctrl: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Fit one controller per subgoal at `layer` by action NLL on expert data, base model frozen.
     The true subgoal label of each step selects its controller (supervised, unlike the metacontroller).
-    `ctrl` trains a given module instead of fresh SubgoalControllers: any map from subgoals (B, T) to an edit."""
+    `ctrl` trains a given module instead of fresh SubgoalControllers at `layer` (which is then unused): any map from
+    subgoals (B, T) to an edit that BaseModel.forward accepts."""
     device = next(model.parameters()).device
     freeze(model)
     torch.manual_seed(seed)

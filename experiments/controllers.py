@@ -31,10 +31,10 @@ Four commands, each printing one line per measurement and writing a JSON file:
       after the attention that reads the history and before the MLP, instead of before the block.
 
   python experiments/controllers.py history [--base FILE]
-      where the base model reads its target from the history and where it chooses its move, after each block l:
-      the history cut (each step's stream after block l sent through the blocks from l on as a sequence of that
+      where the base model reads its target from the history and where it chooses its move, at each layer l:
+      the history cut (each step's stream after l blocks sent through the remaining blocks as a sequence of that
       one step, so they see no earlier step) and the logit lens (the final norm and action head applied to the
-      stream after block l, skipping the blocks after it), both scored as shortest-path mass at t = 0 and on
+      stream after l blocks, skipping the rest), both scored as shortest-path mass at t = 0 and on
       first- and second-colour steps; also the model's shortest-path mass by the number of steps since the
       current target began. About a minute.
 
@@ -72,12 +72,12 @@ import etarl   # noqa: E402
 TASKS = ("0-1-4-5-0-1", "0-1-2-3", "0-1-2-3-4-5-6-7-0-1-2-3")   # a pretraining task, one and five unseen transitions
 
 
-def shortest_path_mass(model, data: etarl.Episodes, control_fn=None, n: int = 1000) -> dict:
+def shortest_path_mass(model, data: etarl.Episodes, ctrl=None, n: int = 1000) -> dict:
     """Mean probability on shortest-path moves (teacher forcing) at t = 0, on first-colour steps, and the rest."""
     device = next(model.parameters()).device
     b = data.batch(np.arange(n), device)
     with torch.no_grad():
-        p = model(b["obs"][:, :-1], None if control_fn is None else control_fn(b["subgoal"]))["logits"].softmax(-1)
+        p = model(b["obs"][:, :-1], None if ctrl is None else ctrl(b["subgoal"]))["logits"].softmax(-1)
     sp, m, target = (p * b["optimal"]).sum(-1), b["mask"], b["target"]
     first = m & (target % 2 == 0)
     since = torch.zeros_like(target)                              # steps since the current target began
@@ -136,7 +136,10 @@ class InsideBlock(torch.nn.Module):
 class EditInside(torch.nn.Module):
     """Eq. 1's controllers applied inside block `layer`, after its attention (which reads the history) and before
     its MLP, for `variants --inside`. It installs InsideBlock in the model; called with subgoals (B, T) or (B,), it
-    arms that block's edit and returns a control that BaseModel.forward itself never applies (layer -1)."""
+    arms that block's edit and returns a control that BaseModel.forward itself never applies (layer -1), so every
+    call must be followed by exactly one forward pass (as in train_controllers, shortest_path_mass and rollout).
+    For a script only: the model is changed in place (its state_dict keys too, so do not save it), the block is
+    held outside the module tree (not trained, not copied by deepcopy), and only attention blocks have this form."""
 
     def __init__(self, model, n_subgoals: int, layer: int, rank: int):
         super().__init__()
@@ -261,7 +264,7 @@ def variants(args) -> dict:
     out = {"train_s": time.time() - t0, "base": shortest_path_mass(model, test)}    # with --dagger: rounds' rollouts too
     if isinstance(ctrl, OtherEdits):                              # the vectors' size against the stream's
         with torch.no_grad():
-            b = test.batch(np.arange(200), "cpu")
+            b = test.batch(np.arange(200), next(model.parameters()).device)
             e = model(b["obs"][:, :-1], return_residuals=True)["residuals"][args.layer][b["mask"]]
         out["b_norm"], out["stream_norm"] = ctrl.b.norm(dim=-1).tolist(), e.norm(dim=-1).mean().item()
     own, rng = None, np.random.default_rng(1)
@@ -277,8 +280,9 @@ def variants(args) -> dict:
 
 
 def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict:
-    """For each layer l: shortest-path mass when the blocks from l on see no earlier step (history cut), and when the
-    final norm and action head read the stream after block l (logit lens); at t = 0, first- and second-colour steps."""
+    """For each layer l (the stream after l blocks): shortest-path mass when blocks l, l+1, ... (numbered from 0) see
+    no earlier step (history cut), and when the final norm and action head read the stream at layer l (logit lens);
+    at t = 0, on first- and second-colour steps. The cut also takes those blocks off their training distribution."""
     device = next(model.parameters()).device
     b = data.batch(np.arange(n), device)
     m, target = b["mask"], b["target"]
