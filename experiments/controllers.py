@@ -375,6 +375,23 @@ def concatenate(parts: list) -> etarl.Episodes:
     return etarl.Episodes(**fields, grid_size=parts[0].grid_size)
 
 
+class UnderAgent(torch.nn.Module):
+    """The plain linear embedding plus a learned vector for the colour under the agent (none: its own vector), for
+    `scale --encoder linear-under`: the visited colour, which the task is read from, becomes as easy to see as with
+    the agent-centred encoder, while every offset a move depends on must still be computed by the blocks."""
+
+    def __init__(self, linear: torch.nn.Linear, G: int = 7, O: int = 8):
+        super().__init__()
+        self.linear, self.G, self.O = linear, G, O
+        self.under = torch.nn.Embedding(O + 1, linear.out_features)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        cell = obs.unflatten(-1, (-1, self.G * self.G)).argmax(-1)    # (B, T, C): each object's cell
+        on = cell[..., : self.O] == cell[..., -1:]                    # (B, T, O): the agent stands on colour c
+        under = torch.where(on.any(-1), on.float().argmax(-1), self.O)
+        return self.linear(obs) + self.under(under)
+
+
 def scale(args) -> dict:
     device = etarl.default_device()
     torch.set_float32_matmul_precision("high")
@@ -384,8 +401,14 @@ def scale(args) -> dict:
         clean = train if args.eps == 0 else concatenate(pool.map(      # the controllers train on noise-free episodes
             _generate, [(chunk, 10**7 + s, 0.0) for s in range(0, min(args.episodes, 200_000), chunk)]))
     test = etarl.generate_episodes(2000, 5 * 10**6)
-    cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512, encoder=args.encoder)
-    model = etarl.build_model(cfg).to(device)
+    if args.encoder == "linear-under" and args.save:
+        raise SystemExit("--encoder linear-under is built by this script, so etarl.load_model could not read --save")
+    encoder = "linear" if args.encoder == "linear-under" else args.encoder
+    cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512, encoder=encoder)
+    model = etarl.build_model(cfg)
+    if args.encoder == "linear-under":
+        model.encoder = UnderAgent(model.encoder)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.03)
     rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
     schedule = etarl.PretrainConfig(steps=10**9, lr=args.lr)     # the cpu preset's warm-up and cosine (deviation 2)
@@ -451,7 +474,8 @@ if __name__ == "__main__":
     s.add_argument("--episodes", type=int, default=1_000_000)
     s.add_argument("--eps", type=float, default=0.0, help="the expert's random-action rate in the pretraining data")
     s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    s.add_argument("--encoder", choices=("ego", "linear"), default="ego", help="the observation embedding (deviation 1)")
+    s.add_argument("--encoder", choices=("ego", "linear", "linear-under"), default="ego",
+                   help="the observation embedding (deviation 1); linear-under: linear plus the colour under the agent")
     s.add_argument("--save", default=None, help="save the trained base model to this file")
     f = sub.add_parser("failures")
     f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")
