@@ -22,7 +22,8 @@ Four commands, each printing one line per measurement and writing a JSON file:
       an H200. The cosine (etarl.lr_at) has its length estimated from the first 50 steps (on a GPU that includes
       its warm-up), and stays at its floor if the run outlasts the estimate. It also runs on a CPU (27-33 minutes
       on 2 cores at --budget 1200 with 4-6 blocks of width 128); --encoder linear trains the plain embedding instead
-      of the agent-centred one, --save keeps the model (for `history --base`).
+      of the agent-centred one (linear-under: plus the colour under the agent, UnderAgent), --save keeps the model
+      (for `history --base`).
 
   python experiments/controllers.py variants --edit bias    (or --edit mlp, --edit none)
       the same with another form of edit than Eq. 1's U_k e: a constant vector b_k per subgoal added to the
