@@ -19,9 +19,9 @@ sweep's evaluation; controllers trained for 50 steps, which is enough to steer) 
 
 `metacontroller` times etarl.train_metacontroller on the cpu run's base model and training episodes, on one
 thread: the preset's config (batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
-with read_norm, Gumbel switches and the KL paid per switch), 40 and 12 steps. With a git revision REV (say 540ba8c, before the low-rank edit mixed shared
-banks and the switching unit's e, h part was computed for all steps at once) it loads that revision's etarl.py
-too and times the two in turn, twice each.
+with read_norm, Gumbel switches and the KL paid per switch), 40 and 12 steps. With a git revision REV (say
+540ba8c, before the low-rank edit mixed shared banks and the switching unit's e, h part was computed for all
+steps at once) it loads that revision's etarl.py too and times the two in turn, twice each.
 """
 import dataclasses
 import importlib.util
