@@ -258,7 +258,7 @@ def variants(args) -> dict:
         train = etarl.generate_episodes(200_000, 10**8, eps=args.eps)
     t0 = time.time()
     if (args.edit != "linear" or args.inside) and (args.loss_on != "all" or args.dagger):
-        raise SystemExit("--edit and --inside train with the preset's loss on every step, without --loss-on or --dagger")
+        raise SystemExit("--edit and --inside train with the preset's loss on every step: no --loss-on, no --dagger")
     if args.inside and args.edit != "linear":
         raise SystemExit("--inside applies Eq. 1's controllers (--edit linear) inside a block")
     ctrl = train_masked(model, train, args.layer, args.rank, args.lr, args.steps, args.loss_on, edit=args.edit,
