@@ -23,7 +23,9 @@ Four commands, each printing one line per measurement and writing a JSON file:
       its warm-up), and stays at its floor if the run outlasts the estimate. It also runs on a CPU (27-33 minutes
       on 2 cores at --budget 1200 with 4-6 blocks of width 128); --encoder linear trains the plain embedding instead
       of the agent-centred one (linear-under: plus the colour under the agent, UnderAgent), --save keeps the model
-      (for `history --base`).
+      (for `history --base`, `variants --base` and `metacontroller.py --base`). --model factored trains the
+      diagnostic Factored model instead (the hierarchy built in: below L/2 only the colour under the agent, from
+      L/2 on no history; not the paper's model).
 
   python experiments/controllers.py variants --edit bias    (or --edit mlp, --edit none)
       the same with another form of edit than Eq. 1's U_k e: a constant vector b_k per subgoal added to the
@@ -250,7 +252,7 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None
 
 def variants(args) -> dict:
     run = etarl.Run("cpu", progress=False)
-    model = etarl.freeze(etarl.load_model(args.base) if args.base else run.base_model()[0])
+    model = etarl.freeze(load_base(args.base) if args.base else run.base_model()[0])
     train, test = run.data()
     if args.orders == "all":
         train = every_order(200_000, 10**8, args.eps)
@@ -309,7 +311,9 @@ def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict
 def history(args) -> dict:
     """Where the cpu base model (or --base) reads its target from the history and chooses its move."""
     run = etarl.Run("cpu", progress=False)
-    model, test = etarl.freeze(etarl.load_model(args.base) if args.base else run.base_model()[0]), run.data()[1]
+    model, test = etarl.freeze(load_base(args.base) if args.base else run.base_model()[0]), run.data()[1]
+    if isinstance(model, Factored):
+        raise SystemExit("the factored model's upper blocks see no history by construction: nothing to cut")
     return {"base": shortest_path_mass(model, test, n=2000), **where_the_move_is_chosen(model, test)}
 
 
@@ -376,21 +380,79 @@ def concatenate(parts: list) -> etarl.Episodes:
     return etarl.Episodes(**fields, grid_size=parts[0].grid_size)
 
 
+def colour_under(obs: torch.Tensor, G: int = 7, O: int = 8) -> torch.Tensor:
+    """(B, T): the colour the agent stands on in grid observations (B, T, 637), O where it stands on none."""
+    cell = obs.unflatten(-1, (-1, G * G)).argmax(-1)                  # (B, T, C): each object's cell
+    on = cell[..., :O] == cell[..., -1:]                              # (B, T, O): the agent stands on colour c
+    return torch.where(on.any(-1), on.float().argmax(-1), O)
+
+
 class UnderAgent(torch.nn.Module):
     """The plain linear embedding plus a learned vector for the colour under the agent (none: its own vector), for
     `scale --encoder linear-under`: the visited colour, which the task is read from, becomes as easy to see as with
     the agent-centred encoder, while every offset a move depends on must still be computed by the blocks."""
 
-    def __init__(self, linear: torch.nn.Linear, G: int = 7, O: int = 8):
+    def __init__(self, linear: torch.nn.Linear, O: int = 8):
         super().__init__()
-        self.linear, self.G, self.O = linear, G, O
+        self.linear = linear
         self.under = torch.nn.Embedding(O + 1, linear.out_features)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        cell = obs.unflatten(-1, (-1, self.G * self.G)).argmax(-1)    # (B, T, C): each object's cell
-        on = cell[..., : self.O] == cell[..., -1:]                    # (B, T, O): the agent stands on colour c
-        under = torch.where(on.any(-1), on.float().argmax(-1), self.O)
-        return self.linear(obs) + self.under(under)
+        return self.linear(obs) + self.under(colour_under(obs))
+
+
+class Factored(etarl.BaseModel):
+    """A diagnostic base model with the paper's hierarchy built in rather than learned (`scale --model factored`;
+    not the paper's model). The blocks below L/2 see only the colour under the agent at each step, so they can read
+    the task's progress from the history but cannot navigate. At L/2 the stream gains the agent-centred embedding
+    of the observation (etarl.EgoEncoder), and the blocks from L/2 on see one step each (their attention looks at
+    the current step only), so they navigate without reading the history. The stream at L/2 then holds what the
+    history says about the target apart from the move, which is what Eq. 1's edit at L/2 needs (lab notes,
+    section 2). The residual stream at layer L/2 is taken after the observation is added, so probes, controllers
+    and the metacontroller at L/2 all see it. Works with every function of etarl that takes a base model."""
+
+    def __init__(self, cfg: etarl.ModelConfig, G: int = 7, O: int = 8, W: int = 4):
+        if cfg.encoder != "ego" or cfg.mixer != "attention" or cfg.n_layers < 2:
+            raise ValueError("the factored model needs encoder 'ego', mixer 'attention' and at least 2 blocks")
+        super().__init__(cfg, obs_dim=(O + W + 1) * G * G, n_actions=len(envs.ACTIONS), grid_size=G)
+        self.under = torch.nn.Embedding(O + 1, cfg.d_model)
+
+    def forward(self, obs, control=None, return_residuals=False, cache=None, start=0):
+        B, T, _ = obs.shape
+        pos = torch.arange(start, start + T, device=obs.device)
+        mid = len(self.blocks) // 2
+        e = self.under(colour_under(obs))
+        residuals = [e]
+        for l, block in enumerate(self.blocks):
+            if l == mid:
+                e = residuals[l] = e + self.encoder(obs)
+            if control is not None and control.layer == l:
+                e = e + control(e)                                    # Eq. (1)
+            if l < mid:
+                e = block(e, pos, None if cache is None else cache[l])
+            else:                                                     # every step alone: no history
+                e = block(e.reshape(B * T, 1, -1), pos[:1] * 0).view(B, T, -1)
+            residuals.append(e)
+        h = self.norm(e)
+        out = {"logits": self.action_head(h), "h": h}
+        if return_residuals:
+            out["residuals"] = residuals
+        return out
+
+
+def save_base(model, path) -> None:
+    torch.save({"cfg": dataclasses.asdict(model.cfg), "factored": isinstance(model, Factored),
+                "state": model.state_dict()}, path)
+
+
+def load_base(path) -> etarl.BaseModel:
+    """A base model saved by etarl.save_model or by `scale --save` (which may be Factored)."""
+    ckpt = torch.load(path, map_location="cpu")
+    if not ckpt.get("factored"):
+        return etarl.load_model(path)
+    model = Factored(etarl.ModelConfig(**ckpt["cfg"]))
+    model.load_state_dict(ckpt["state"])
+    return model
 
 
 def scale(args) -> dict:
@@ -404,9 +466,11 @@ def scale(args) -> dict:
     test = etarl.generate_episodes(2000, 5 * 10**6)
     if args.encoder == "linear-under" and args.save:
         raise SystemExit("--encoder linear-under is built by this script, so etarl.load_model could not read --save")
+    if args.model == "factored" and args.encoder != "ego":
+        raise SystemExit("--model factored adds the agent-centred embedding at L/2: use it with --encoder ego")
     encoder = "linear" if args.encoder == "linear-under" else args.encoder
     cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512, encoder=encoder)
-    model = etarl.build_model(cfg)
+    model = Factored(cfg) if args.model == "factored" else etarl.build_model(cfg)
     if args.encoder == "linear-under":
         model.encoder = UnderAgent(model.encoder)
     model = model.to(device)
@@ -432,9 +496,10 @@ def scale(args) -> dict:
     etarl.freeze(model)
     out["base"] = {**shortest_path_mass(model, test), TASKS[-1]: float(etarl.rollout(
         model, envs.parse_task(TASKS[-1]), 500, 1)["success"].mean())}
-    out.update(where_the_move_is_chosen(model, test))
+    if args.model == "transformer":                               # the factored model's upper blocks see no history
+        out.update(where_the_move_is_chosen(model, test))
     if args.save:
-        etarl.save_model(model, args.save)
+        save_base(model, args.save)
     print(json.dumps(out), flush=True)
     for layer in range(1, args.layers):
         ctrl, _ = etarl.train_controllers(model, clean, layer, etarl.ControlConfig(), 0, progress=False)
@@ -477,6 +542,8 @@ if __name__ == "__main__":
     s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     s.add_argument("--encoder", choices=("ego", "linear", "linear-under"), default="ego",
                    help="the observation embedding (deviation 1); linear-under: linear plus the colour under the agent")
+    s.add_argument("--model", choices=("transformer", "factored"), default="transformer",
+                   help="factored: the diagnostic Factored model (the hierarchy built in), not the paper's")
     s.add_argument("--save", default=None, help="save the trained base model to this file")
     f = sub.add_parser("failures")
     f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")

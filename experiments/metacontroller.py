@@ -4,7 +4,9 @@ behind the lab notes (experiments/README.md, section 3).
 Every command runs on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), prints one line per
 measurement and writes a JSON file. `oracle` and `decoder` can hand the truth (subgoal labels, boundaries, the
 task) to parts of the metacontroller, which the method itself never sees, to find out which part fails; `codes`
-and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained.
+and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained. `oracle` and
+`decoder` take another base model with --base FILE (one saved by `controllers.py scale --save`, such as its
+diagnostic Factored model); `codes` and `rl` read it from the oracle run's JSON.
 
   python experiments/metacontroller.py oracle [--gate oracle] [--code-input subgoal|boundary|task]
                                               [--alpha 0.1] [--steps 1500] [--kl-delay 0] [--logvar-bias 0]
@@ -143,6 +145,14 @@ class Labelled:
         return b
 
 
+def base_model(run: etarl.Run, path: str | None) -> etarl.BaseModel:
+    """The frozen base model: the cpu run's, or one saved by `controllers.py scale --save` (--base)."""
+    if path is None:
+        return etarl.freeze(run.base_model()[0])
+    from controllers import load_base                 # experiments/ is on the path of a script run from it
+    return etarl.freeze(load_base(path))
+
+
 def curve(values: list, every: int = 250) -> list:
     return [round(float(np.mean(values[i:i + 100])), 4) for i in range(0, len(values), every)]
 
@@ -151,7 +161,7 @@ def oracle(args) -> dict:
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     run = etarl.Run("cpu", progress=False)
-    model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
+    model, (train, test) = base_model(run, args.base), run.data()
     cfg = meta_config(run, vars(args))
     torch.manual_seed(args.seed)
     kind = CategoricalOracle if args.code == "categorical" else Oracle
@@ -189,7 +199,7 @@ def load_saved(oracle_json: str, weights: str | None):
     if not (weights or spec["save"]):
         raise SystemExit(f"{oracle_json}: that run kept no weights (no --save); pass them with --weights")
     run = etarl.Run("cpu", progress=False)
-    model, (_, test) = etarl.freeze(run.base_model()[0]), run.data()
+    model, (_, test) = base_model(run, spec.get("base")), run.data()
     device = next(model.parameters()).device
     kind = CategoricalMetacontroller if spec.get("code") == "categorical" else etarl.Metacontroller
     meta = kind(model.cfg.d_model, len(model.blocks) // 2, meta_config(run, spec))
@@ -316,7 +326,7 @@ def true_code(kind: str, data: etarl.Episodes, b: dict, idx, n_z: int) -> torch.
 
 def decoder(args) -> dict:
     run = etarl.Run("cpu", progress=False)
-    model, (train, test) = etarl.freeze(run.base_model()[0]), run.data()
+    model, (train, test) = base_model(run, args.base), run.data()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = run.cfg.meta if args.code == "subgoal" else dataclasses.replace(run.cfg.meta, n_z=train.grid_size ** 2)
@@ -395,6 +405,8 @@ if __name__ == "__main__":
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (`controllers.py "
+                                                    "scale --save`; rl and codes read it from the oracle JSON)")
     for p in (o, d, r, c):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
