@@ -29,9 +29,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     embedding lookups. The paper does not say how it embeds observations. The re-centring is a fixed,
     parameter-free re-indexing of the same observation; `encoder="linear"` gives the plain embedding,
     which at our scale never learned the task (subgoal probe at chance). Measured since: with the re-centring the
-    model has chosen its move by L/2 (with the plain embedding the move comes out of the last two blocks). That is
-    not why controllers at L/2 fail at unseen subgoal transitions: they fail there more often on a diagnostic
-    model built to hold the target apart from the move at L/2 (experiments/README.md, section 2).
+    model has chosen its move by L/2 (with the plain embedding the move comes out of the last two blocks). That
+    alone does not explain why controllers at L/2 fail at unseen subgoal transitions: they fail there more often
+    on a diagnostic model built to hold the target apart from the move at L/2 (experiments/README.md, section 2).
  2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr 2e-3 and batch 64 at the
     cpu preset (paper: constant 3e-4, batch 1024).
  3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS). The paper does
@@ -875,11 +875,12 @@ class BaseModel(nn.Module):
                 e = e + control(e)                                    # Eq. (1): e <- e + U e
             e = block(e, pos, None if cache is None else cache[l])
             residuals.append(e)
+        return self.readout(e, residuals if return_residuals else None)
+
+    def readout(self, e: torch.Tensor, residuals: list | None = None) -> dict:
+        """forward's output from the last block's stream e: the final norm h and the action logits."""
         h = self.norm(e)
-        out = {"logits": self.action_head(h), "h": h}
-        if return_residuals:
-            out["residuals"] = residuals
-        return out
+        return {"logits": self.action_head(h), "h": h, **({} if residuals is None else {"residuals": residuals})}
 
     def new_cache(self) -> dict:
         return {"t": 0, **{l: {} for l in range(len(self.blocks))}}

@@ -1,7 +1,7 @@
 """Why the supervised controllers fail on the gridworld: the experiments behind the lab notes
 (experiments/README.md, section 2).
 
-Four commands, each printing one line per measurement and writing a JSON file:
+Five commands, each printing one line per measurement and writing a JSON file:
 
   python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
       on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised
@@ -41,6 +41,11 @@ Four commands, each printing one line per measurement and writing a JSON file:
       stream after l blocks, skipping the rest), both scored as shortest-path mass at t = 0 and on
       first- and second-colour steps; also the model's shortest-path mass by the number of steps since the
       current target began. About a minute.
+
+  python experiments/controllers.py transitions [--base FILE] [--layer 2]
+      one pair after a transition that pretraining never shows and after two that it shows: the preset's
+      controllers on 0-1-2-3, 6-7-2-3 and 4-5-2-3 (500 episodes each), and the colour the episodes that fail at
+      colour 2 stepped onto instead. A few minutes.
 
   python experiments/controllers.py failures [--eps 0.1 --action-loss shortest]
       where episodes fail: the rate of failing at each colour of the task among the episodes that reach it, with
@@ -147,6 +152,8 @@ class EditInside(torch.nn.Module):
 
     def __init__(self, model, n_subgoals: int, layer: int, rank: int):
         super().__init__()
+        if isinstance(model, Factored) and layer >= len(model.blocks) // 2:
+            raise SystemExit("--inside: the factored model's blocks from L/2 on see each step alone; use a lower --layer")
         self.inner = etarl.SubgoalControllers(n_subgoals, model.cfg.d_model, layer, rank)
         if not isinstance(model.blocks[layer], InsideBlock):
             model.blocks[layer] = InsideBlock(model.blocks[layer])
@@ -252,7 +259,7 @@ def train_masked(model, data, layer, rank, lr, steps, loss_on, seed=0, ctrl=None
 
 def variants(args) -> dict:
     run = etarl.Run("cpu", progress=False)
-    model = etarl.freeze(load_base(args.base) if args.base else run.base_model()[0])
+    model = base_model(run, args.base)
     train, test = run.data()
     if args.orders == "all":
         train = every_order(200_000, 10**8, args.eps)
@@ -283,6 +290,12 @@ def variants(args) -> dict:
     return {**out, **evaluate(model, ctrl, test, 300)}
 
 
+def each_step_alone(block, e: torch.Tensor) -> torch.Tensor:
+    """A block applied to every step of e (B, T, D) as a sequence of that one step: its attention sees no other step."""
+    B, T, D = e.shape
+    return block(e.reshape(B * T, 1, D), torch.zeros(1, dtype=torch.long, device=e.device)).view(B, T, D)
+
+
 def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict:
     """For each layer l (the stream after l blocks): shortest-path mass when blocks l, l+1, ... (numbered from 0) see
     no earlier step (history cut), and when the final norm and action head read the stream at layer l (logit lens);
@@ -296,9 +309,9 @@ def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict
         residuals = model(b["obs"][:, :-1], return_residuals=True)["residuals"]
         B, T, D = residuals[0].shape
         for l in range(len(model.blocks) + 1):
-            e = residuals[l].reshape(B * T, 1, D)                # every step alone, as a sequence of one
+            e = residuals[l]
             for block in model.blocks[l:]:
-                e = block(e, torch.zeros(1, dtype=torch.long, device=device))
+                e = each_step_alone(block, e)
             cut = (model.action_head(model.norm(e)).reshape(B, T, -1).softmax(-1) * b["optimal"]).sum(-1)
             lens = (model.action_head(model.norm(residuals[l])).softmax(-1) * b["optimal"]).sum(-1)
             for name, sp in ((f"history cut from block {l}", cut), (f"logit lens at layer {l}", lens)):
@@ -311,10 +324,29 @@ def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict
 def history(args) -> dict:
     """Where the cpu base model (or --base) reads its target from the history and chooses its move."""
     run = etarl.Run("cpu", progress=False)
-    model, test = etarl.freeze(load_base(args.base) if args.base else run.base_model()[0]), run.data()[1]
+    model, test = base_model(run, args.base), run.data()[1]
     if isinstance(model, Factored):
         raise SystemExit("the factored model's upper blocks see no history by construction: nothing to cut")
     return {"base": shortest_path_mass(model, test, n=2000), **where_the_move_is_chosen(model, test)}
+
+
+def transitions(args) -> dict:
+    """One pair after a transition that pretraining never shows and after two that it shows: the preset's
+    controllers at --layer (trained on the cpu run's training episodes, seed 0) on 0-1-2-3, 6-7-2-3 and 4-5-2-3,
+    500 sampled episodes each; for the episodes that fail at colour 2, the colour they stepped onto instead."""
+    run = etarl.Run("cpu", progress=False)
+    model, train = base_model(run, args.base), run.data()[0]
+    ctrl, _ = etarl.train_controllers(model, train, args.layer, run.cfg.control, seed=0, progress=False)
+    out = {}
+    for task in ("0-1-2-3", "6-7-2-3", "4-5-2-3"):
+        r = etarl.rollout(model, envs.parse_task(task), 500, 1, etarl.subgoal_control_fn(ctrl), record=True)
+        onto = r["colour_cells"] == r["agent"][np.arange(500), r["length"]][:, None]   # (n, O): where it ended
+        failed = (r["progress"] == 2) & ~r["success"]
+        out[task] = {"success": float(r["success"].mean()), "failed at colour 2": int(failed.sum()),
+                     "of those, stepped onto colour 0-7": onto[failed].sum(0).tolist(),
+                     "of those, on no colour (time out)": int((~onto[failed].any(1)).sum())}
+        print(task, json.dumps(out[task]), flush=True)
+    return out
 
 
 def failure_rates(progress: np.ndarray, success: np.ndarray, length: int) -> list:
@@ -409,13 +441,15 @@ class Factored(etarl.BaseModel):
     the current step only), so they navigate without reading the history. The stream at L/2 then holds what the
     history says about the target apart from the move, which is what Eq. 1's edit at L/2 needs (lab notes,
     section 2). The residual stream at layer L/2 is taken after the observation is added, so probes, controllers
-    and the metacontroller at L/2 all see it. Works with every function of etarl that takes a base model."""
+    and the metacontroller at L/2 all see it. It runs wherever etarl takes a base model (pretraining, probes,
+    controllers, rollouts, the metacontroller, internal RL); save and load it with save_base and load_base.
+    The paper's gridworld only (G = 7, 8 colours, 4 walls)."""
 
-    def __init__(self, cfg: etarl.ModelConfig, G: int = 7, O: int = 8, W: int = 4):
+    def __init__(self, cfg: etarl.ModelConfig):
         if cfg.encoder != "ego" or cfg.mixer != "attention" or cfg.n_layers < 2:
             raise ValueError("the factored model needs encoder 'ego', mixer 'attention' and at least 2 blocks")
-        super().__init__(cfg, obs_dim=(O + W + 1) * G * G, n_actions=len(envs.ACTIONS), grid_size=G)
-        self.under = torch.nn.Embedding(O + 1, cfg.d_model)
+        super().__init__(cfg, obs_dim=(8 + 4 + 1) * 7 * 7, n_actions=len(envs.ACTIONS), grid_size=7)
+        self.under = torch.nn.Embedding(8 + 1, cfg.d_model)
 
     def forward(self, obs, control=None, return_residuals=False, cache=None, start=0):
         B, T, _ = obs.shape
@@ -430,19 +464,21 @@ class Factored(etarl.BaseModel):
                 e = e + control(e)                                    # Eq. (1)
             if l < mid:
                 e = block(e, pos, None if cache is None else cache[l])
-            else:                                                     # every step alone: no history
-                e = block(e.reshape(B * T, 1, -1), pos[:1] * 0).view(B, T, -1)
+            else:
+                e = each_step_alone(block, e)                         # no history
             residuals.append(e)
-        h = self.norm(e)
-        out = {"logits": self.action_head(h), "h": h}
-        if return_residuals:
-            out["residuals"] = residuals
-        return out
+        return self.readout(e, residuals if return_residuals else None)
 
 
 def save_base(model, path) -> None:
-    torch.save({"cfg": dataclasses.asdict(model.cfg), "factored": isinstance(model, Factored),
+    """etarl.save_model's file, marked when the model is Factored."""
+    torch.save({"cfg": dataclasses.asdict(model.cfg), "env": model.env, "factored": isinstance(model, Factored),
                 "state": model.state_dict()}, path)
+
+
+def base_model(run: etarl.Run, path: str | None) -> etarl.BaseModel:
+    """The frozen base model: the one saved at path (--base), else the cpu run's."""
+    return etarl.freeze(load_base(path) if path else run.base_model()[0])
 
 
 def load_base(path) -> etarl.BaseModel:
@@ -470,12 +506,13 @@ def scale(args) -> dict:
         raise SystemExit("--model factored adds the agent-centred embedding at L/2: use it with --encoder ego")
     encoder = "linear" if args.encoder == "linear-under" else args.encoder
     cfg = etarl.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_mlp=512, encoder=encoder)
+    torch.manual_seed(args.seed)
     model = Factored(cfg) if args.model == "factored" else etarl.build_model(cfg)
     if args.encoder == "linear-under":
         model.encoder = UnderAgent(model.encoder)
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.03)
-    rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
+    rng, by_length = np.random.default_rng(args.seed), np.argsort(train.lengths, kind="stable")
     schedule = etarl.PretrainConfig(steps=10**9, lr=args.lr)     # the cpu preset's warm-up and cosine (deviation 2)
     step, start = 0, time.time()
     while time.time() - start < args.budget:
@@ -520,7 +557,7 @@ if __name__ == "__main__":
     v.add_argument("--eps", type=float, default=0.0, help="train on fresh expert data with random actions at this rate")
     v.add_argument("--orders", choices=("pretraining", "all"), default="pretraining",
                    help="train on fresh expert data in every order of three pairs (and roll out in them: --dagger)")
-    v.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. made by `failures`)")
+    v.add_argument("--base", default=None, help="a base model file instead of the cpu run's (made by `failures` or `scale --save`)")
     v.add_argument("--dagger", type=int, default=0, help="rounds of training on the controlled model's own episodes")
     v.add_argument("--dagger-episodes", type=int, default=5000, help="own episodes added per round")
     v.add_argument("--dagger-steps", type=int, default=300, help="training steps per round (loss: set)")
@@ -529,6 +566,9 @@ if __name__ == "__main__":
                         "or none (the uncontrolled model, scored the same way)")
     v.add_argument("--inside", action="store_true",
                    help="apply the controllers inside block --layer, after its attention, before its MLP (EditInside)")
+    t = sub.add_parser("transitions")
+    t.add_argument("--layer", type=int, default=2)
+    t.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     h = sub.add_parser("history")
     h.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. saved by `scale`)")
     s = sub.add_parser("scale")
@@ -544,15 +584,17 @@ if __name__ == "__main__":
                    help="the observation embedding (deviation 1); linear-under: linear plus the colour under the agent")
     s.add_argument("--model", choices=("transformer", "factored"), default="transformer",
                    help="factored: the diagnostic Factored model (the hierarchy built in), not the paper's")
+    s.add_argument("--seed", type=int, default=0, help="the model's initialisation and the batches (the data stay)")
     s.add_argument("--save", default=None, help="save the trained base model to this file")
     f = sub.add_parser("failures")
     f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")
     f.add_argument("--action-loss", choices=("expert", "shortest"), default="expert",
                    help="its action loss (PretrainConfig.action_loss)")
-    for p in (v, s, f, h):
+    for p in (v, s, f, h, t):
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
-    commands = {"variants": variants, "scale": scale, "history": history, "failures": failures}
+    commands = {"variants": variants, "scale": scale, "history": history, "failures": failures,
+                "transitions": transitions}
     result = {"args": vars(args), **commands[args.command](args)}
     path = args.out or f"experiments/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))

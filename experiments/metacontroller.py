@@ -61,6 +61,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs    # noqa: E402
 import etarl   # noqa: E402
+from controllers import base_model   # noqa: E402  (experiments/ is on the path of a script run from it)
 
 
 class Oracle(etarl.Metacontroller):
@@ -145,14 +146,6 @@ class Labelled:
         return b
 
 
-def base_model(run: etarl.Run, path: str | None) -> etarl.BaseModel:
-    """The frozen base model: the cpu run's, or one saved by `controllers.py scale --save` (--base)."""
-    if path is None:
-        return etarl.freeze(run.base_model()[0])
-    from controllers import load_base                 # experiments/ is on the path of a script run from it
-    return etarl.freeze(load_base(path))
-
-
 def curve(values: list, every: int = 250) -> list:
     return [round(float(np.mean(values[i:i + 100])), 4) for i in range(0, len(values), every)]
 
@@ -187,8 +180,9 @@ def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
 
 
 def load_saved(oracle_json: str, weights: str | None):
-    """The cpu run's frozen base model, held-out episodes and the metacontroller that an `oracle --gate learned
-    --save W.pt` run trained (its options read from the JSON it wrote), as a plain etarl.Metacontroller."""
+    """The frozen base model (the cpu run's, or the run's --base), held-out episodes and the metacontroller that an
+    `oracle --gate learned --save W.pt` run trained (its options read from the JSON it wrote), as a plain
+    etarl.Metacontroller."""
     spec = json.loads(Path(oracle_json).read_text())["args"]
     if spec.get("command") != "oracle":
         raise SystemExit(f"{oracle_json} was written by `{spec.get('command')}`; give the JSON of an `oracle` run")
