@@ -30,8 +30,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     parameter-free re-indexing of the same observation; `encoder="linear"` gives the plain embedding,
     which at our scale never learned the task (subgoal probe at chance). Measured since: with the re-centring the
     model has chosen its move by L/2 (with the plain embedding the move comes out of the last two blocks). That
-    alone does not explain why controllers at L/2 fail at unseen subgoal transitions: they fail there more often
-    on a diagnostic model built to hold the target apart from the move at L/2 (experiments/README.md, section 2).
+    alone does not explain why controllers at L/2 fail at unseen subgoal transitions: they fail there too on a
+    diagnostic model built to hold the target apart from the move at L/2 (experiments/README.md, section 2).
  2. Learning-rate schedule: linear warm-up then cosine decay to 10%, peak lr 2e-3 and batch 64 at the
     cpu preset (paper: constant 3e-4, batch 1024).
  3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS). The paper does
