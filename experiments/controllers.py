@@ -557,7 +557,8 @@ if __name__ == "__main__":
     v.add_argument("--eps", type=float, default=0.0, help="train on fresh expert data with random actions at this rate")
     v.add_argument("--orders", choices=("pretraining", "all"), default="pretraining",
                    help="train on fresh expert data in every order of three pairs (and roll out in them: --dagger)")
-    v.add_argument("--base", default=None, help="a base model file instead of the cpu run's (made by `failures` or `scale --save`)")
+    v.add_argument("--base", default=None,
+                   help="a base model file instead of the cpu run's (made by `failures` or `scale --save`)")
     v.add_argument("--dagger", type=int, default=0, help="rounds of training on the controlled model's own episodes")
     v.add_argument("--dagger-episodes", type=int, default=5000, help="own episodes added per round")
     v.add_argument("--dagger-steps", type=int, default=300, help="training steps per round (loss: set)")
