@@ -307,13 +307,12 @@ def where_the_move_is_chosen(model, data: etarl.Episodes, n: int = 1000) -> dict
     out = {}
     with torch.no_grad():
         residuals = model(b["obs"][:, :-1], return_residuals=True)["residuals"]
-        B, T, D = residuals[0].shape
+        mass = lambda e: (model.readout(e)["logits"].softmax(-1) * b["optimal"]).sum(-1)   # on shortest-path moves
         for l in range(len(model.blocks) + 1):
             e = residuals[l]
             for block in model.blocks[l:]:
                 e = each_step_alone(block, e)
-            cut = (model.action_head(model.norm(e)).reshape(B, T, -1).softmax(-1) * b["optimal"]).sum(-1)
-            lens = (model.action_head(model.norm(residuals[l])).softmax(-1) * b["optimal"]).sum(-1)
+            cut, lens = mass(e), mass(residuals[l])
             for name, sp in ((f"history cut from block {l}", cut), (f"logit lens at layer {l}", lens)):
                 out[name] = {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(),
                              "sp_second": sp[second].mean().item()}
@@ -501,7 +500,7 @@ def scale(args) -> dict:
             _generate, [(chunk, 10**7 + s, 0.0) for s in range(0, min(args.episodes, 200_000), chunk)]))
     test = etarl.generate_episodes(2000, 5 * 10**6)
     if args.encoder == "linear-under" and args.save:
-        raise SystemExit("--encoder linear-under is built by this script, so etarl.load_model could not read --save")
+        raise SystemExit("--encoder linear-under: load_base cannot rebuild its UnderAgent encoder, so no --save")
     if args.model == "factored" and args.encoder != "ego":
         raise SystemExit("--model factored adds the agent-centred embedding at L/2: use it with --encoder ego")
     encoder = "linear" if args.encoder == "linear-under" else args.encoder
