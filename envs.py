@@ -714,11 +714,16 @@ _ANT_ANKLE_SIGN = np.array([1.0, -1.0, -1.0, 1.0])           # ankle ranges: +30
 _ANT_PAIR_PHASE = np.array([0.0, np.pi, 0.0, np.pi])         # diagonal pairs in antiphase
 
 
-def gait_action(qpos: np.ndarray, qvel: np.ndarray, t: int, direction: np.ndarray, gait: dict = ANT_GAIT) -> np.ndarray:
-    """Torques (8,) in actuator order that walk the ant along the world `direction` (2,) at env step t."""
+def torso_frame(qpos: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """A world-frame direction (2,) turned into the torso's frame (the yaw of the ant's quaternion undone)."""
     yaw = 2 * np.arctan2(qpos[6], qpos[3])                      # the quaternion's rotation about z
     c, s = np.cos(yaw), np.sin(yaw)
-    local = np.array([c * direction[0] + s * direction[1], -s * direction[0] + c * direction[1]])
+    return np.array([c * direction[0] + s * direction[1], -s * direction[0] + c * direction[1]])
+
+
+def gait_action(qpos: np.ndarray, qvel: np.ndarray, t: int, direction: np.ndarray, gait: dict = ANT_GAIT) -> np.ndarray:
+    """Torques (8,) in actuator order that walk the ant along the world `direction` (2,) at env step t."""
+    local = torso_frame(qpos, direction)
     tangent = np.stack([-np.sin(_ANT_LEG_ANGLE), np.cos(_ANT_LEG_ANGLE)], 1)
     phase = gait["omega"] * t + _ANT_PAIR_PHASE
     target = np.empty(8)
@@ -769,26 +774,37 @@ def _repulsion(xy: np.ndarray, env: AntPinpad, target: int) -> np.ndarray:
     return push
 
 
-def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The ant expert (App. C.1.2): the grid planner picks the neighbouring cell on a shortest path to the
-    next colour (avoiding walls and every other colour, as the grid expert) and the gait walks towards that
-    cell's centre. noise > 0 adds Gaussian noise of that std to the torques (pretraining diversity); noise 0
-    is the noise-free expert used for the metacontroller's data."""
-    xy, G = env.data.qpos[:2], env.G
-    target = env.task[min(env.progress, len(env.task) - 1)]
+def ant_expert_next_cell(env: AntPinpad) -> int:
+    """The ant expert's planner (App. C.1.2): the neighbouring cell on a shortest path to the next colour,
+    avoiding walls and every other colour, as the grid expert; the current cell in a dead end (only reachable
+    by noise: every way out crosses a forbidden cell). The ant must be on the grid."""
+    G, target = env.G, env.task[min(env.progress, len(env.task) - 1)]
+    dist = colour_distances(env.colour_cells, env.wall_cells, G)[target]
+    row, col = divmod(env.cell, G)
+    forbidden = set(env.wall_cells.tolist()) | set(env.colour_cells.tolist()) - {int(env.colour_cells[target])}
+    neighbours = [r * G + c for r, c in ((row - 1, col), (row, col + 1), (row + 1, col), (row, col - 1))
+                  if 0 <= r < G and 0 <= c < G and r * G + c not in forbidden]
+    return min(neighbours, key=lambda cell: dist[cell]) if neighbours else env.cell
+
+
+def ant_expert_direction(env: AntPinpad) -> np.ndarray:
+    """The unit world-frame direction the ant expert walks: from the torso towards the centre of the planner's
+    next cell (ant_expert_next_cell), pushed away from forbidden cells closer than ANT_MARGIN."""
+    xy = env.data.qpos[:2]
     if env.cell < 0:                                            # off the grid (the episode is over anyway)
         aim = -xy
     else:
-        dist = colour_distances(env.colour_cells, env.wall_cells, G)[target]
-        row, col = divmod(env.cell, G)
-        forbidden = set(env.wall_cells.tolist()) | set(env.colour_cells.tolist()) - {int(env.colour_cells[target])}
-        neighbours = [(r, c) for r, c in ((row - 1, col), (row, col + 1), (row + 1, col), (row, col - 1))
-                      if 0 <= r < G and 0 <= c < G and r * G + c not in forbidden]
-        # a dead end (only reachable by noise: every way out crosses a forbidden cell): hold the cell
-        best = min(neighbours, key=lambda rc: dist[rc[0] * G + rc[1]]) if neighbours else (row, col)
-        aim = ant_cell_centre(best[0] * G + best[1], G) - xy
+        target = env.task[min(env.progress, len(env.task) - 1)]
+        aim = ant_cell_centre(ant_expert_next_cell(env), env.G) - xy
         aim = aim / (np.linalg.norm(aim) + 1e-9) + _repulsion(xy, env, target)
-    action = gait_action(env.data.qpos, env.data.qvel, env.t, aim / (np.linalg.norm(aim) + 1e-9))
+    return aim / (np.linalg.norm(aim) + 1e-9)
+
+
+def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The ant expert (App. C.1.2): the gait walks along `ant_expert_direction`. noise > 0 adds Gaussian noise of
+    that std to the torques (pretraining diversity); noise 0 is the noise-free expert used for the
+    metacontroller's data."""
+    action = gait_action(env.data.qpos, env.data.qvel, env.t, ant_expert_direction(env))
     if noise > 0:
         action = np.clip(action + (rng or np.random.default_rng()).normal(0, noise, 8), -1, 1)
     return action

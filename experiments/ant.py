@@ -1,24 +1,43 @@
 """Why the ant's base model does not learn where to go: the experiments behind the lab notes
 (experiments/README.md, section 6).
 
-  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle] [--train-episodes N]
+  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle [colour|direction|target]]
+                                    [--train-episodes N]
       the ant-cpu base model pretrained on the ant run's data (runs/ant-cpu-s0, made by `python etarl.py --env
       ant --force` or made here) with another observation encoder ("ego": the torso-frame view, deviation 22;
       "linear": the preset's), the preset's schedule cut to --steps (the cosine decays over the cut length), seed
       0. With --oracle the true target colour (one-hot) is added to the model's input, through an embedding of its
       own, and is never a target of the observation head: how much better would the model predict the expert's
-      torques if it knew where the expert was going? The quality gate (held-out action R^2, colour probe at L/2)
-      is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle]_<steps>[_n<N>].json (history, probes
-      per layer) and the model (.pt). About 9-14 minutes per 1,000 steps on one thread beside other jobs on 2 cores.
-      With --train-episodes N it trains on N noisy expert episodes instead of the run's 800 (the same seeds
-      0..N-1, so the run's 800 among them; generated on 2 worker processes, about 0.07 s each, and cached in
-      experiments/ant_train_<N>.npz): does the colour probe leave chance when the same number of draws comes
-      from more distinct episodes?
+      torques if it knew where the expert was going? With --oracle direction it is instead the direction the
+      expert's gait walks at that step, a unit vector in the torso's frame (replayed from the episodes' seeds,
+      cached in experiments/ant_directions_<N>_<seed>.npy): can the model learn to walk where it is told, with no
+      planning left to do? With --oracle target it is the unit vector from the torso straight to the next
+      colour's cell, in the torso's frame (cached likewise): is heading straight for the colour, without the
+      planner's way around walls and other colours, enough? The quality gate (held-out action R^2, colour probe
+      at L/2) is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle|_direction|_target]_<steps>
+      [_n<N>].json (history, probes per layer) and the model (.pt). About 8-14 minutes per 1,000 steps on one
+      thread beside other jobs on 2 cores. With --train-episodes N it trains on N noisy expert episodes instead
+      of the run's 800 (the same seeds 0..N-1, so the run's 800 among them; generated on 2 worker processes,
+      about 0.07 s each, and cached in experiments/ant_train_<N>.npz): does the colour probe leave chance when
+      the same number of draws comes from more distinct episodes?
 
   python experiments/ant.py steer --steps 2000 [--greedy] [--train-episodes N]
       the oracle model of `pretrain --oracle --steps 2000` in 128 episodes of random pretraining tasks, told the
       true next colour, then a wrong one (the true one shifted by 1-3 per episode): which colour does it enter
       first? Writes experiments/ant_steer_2000[_n<N>][_greedy].json. About a minute.
+
+  python experiments/ant.py walk --steps 2000 [--oracle direction|target] [--greedy] [--train-episodes N]
+      the vector-oracle model of `pretrain --oracle direction|target --steps 2000` in 128 episodes of random
+      pretraining tasks, told the true vector at every step, then that vector turned by 90-270 degrees: its speed
+      along and across the told direction, task progress and success; and the plain ego model's speed along the
+      true vector, which it is not told. Writes experiments/ant_walk_<oracle>_2000[_n<N>][_greedy].json. Under a
+      minute.
+
+  python experiments/ant.py cardinal [--episodes 100]
+      the expert with its gait steered the paper's way, by a cardinal command from the centre of the current cell
+      to the centre of the neighbour its planner picks, instead of our aim from where the torso is with a push
+      away from forbidden cells (deviation 15): its success, noise-free, on random pretraining tasks and on
+      0-1-2-3. About 20 s per 100 episodes.
 
   python experiments/ant.py turns --steps 2000 [--train-episodes N]
       held-out action NLL of the two saved models (`pretrain --encoder ego` with and without --oracle) on the steps
@@ -38,25 +57,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import etarl   # noqa: E402
 
 N_COLOURS = 4
+ORACLE_WIDTH = {"colour": N_COLOURS, "direction": 2, "target": 2}   # what an oracle appends to each observation
 
 
-def with_oracle(data: etarl.AntEpisodes) -> etarl.AntEpisodes:
-    """The same episodes with the target colour's one-hot appended to every observation (zeros after the end)."""
-    target = np.concatenate([data.subgoal, np.full((len(data), 1), -1)], 1)        # (N, Tmax + 1)
-    onehot = (target[..., None] == np.arange(N_COLOURS)).astype(np.float32)
-    return etarl.AntEpisodes(obs=np.concatenate([data.obs, onehot], -1), actions=data.actions,
+def world_vector(env: etarl.envs.AntPinpad, oracle: str) -> np.ndarray:
+    """What a vector oracle tells, as a unit vector in the world frame: the expert's direction
+    (envs.ant_expert_direction), or the direction from the torso to the centre of the next colour's cell (straight
+    there, without the planner's way around walls and other colours)."""
+    if oracle == "direction":
+        return etarl.envs.ant_expert_direction(env)
+    target = env.task[min(env.progress, len(env.task) - 1)]
+    offset = etarl.envs.ant_cell_centre(env.colour_cells[target], env.G) - env.data.qpos[:2]
+    return offset / (np.linalg.norm(offset) + 1e-9)
+
+
+def replay_oracle(data: etarl.AntEpisodes, seed: int, oracle: str) -> np.ndarray:
+    """(N, Tmax, 2) the vector oracle's input at each step of each episode, in the torso's frame (envs.torso_frame
+    of world_vector; zeros after the end). Episode i is replayed from AntPinpad.reset(seed=seed + i) with its
+    stored torques, which reproduces it exactly (checked)."""
+    out = np.zeros(data.actions.shape[:2] + (2,), np.float32)
+    for i in range(len(data)):
+        env = etarl.envs.AntPinpad()
+        env.reset(seed=seed + i)
+        for t in range(data.lengths[i]):
+            out[i, t] = etarl.envs.torso_frame(env.data.qpos, world_vector(env, oracle))
+            obs = env.step(data.actions[i, t])[0]
+        if not np.array_equal(obs, data.obs[i, data.lengths[i]]):
+            raise RuntimeError(f"episode {i} (seed {seed + i}) does not replay: made from other seeds?")
+    return out
+
+
+def with_oracle(data: etarl.AntEpisodes, oracle: str, seed: int) -> etarl.AntEpisodes:
+    """The same episodes with the oracle's input appended to every observation (zeros after the end): the
+    target colour's one-hot, or a vector in the torso frame (`world_vector`, replayed from seeds seed..)."""
+    if oracle == "colour":
+        target = np.concatenate([data.subgoal, np.full((len(data), 1), -1)], 1)        # (N, Tmax + 1)
+        extra = (target[..., None] == np.arange(N_COLOURS)).astype(np.float32)
+    else:
+        path = Path(__file__).with_name(f"ant_{oracle}s_{len(data)}_{seed}.npy")
+        if not path.exists():
+            np.save(path, replay_oracle(data, seed, oracle))
+        extra = np.concatenate([np.load(path), np.zeros((len(data), 1, 2), np.float32)], 1)
+    return etarl.AntEpisodes(obs=np.concatenate([data.obs, extra], -1), actions=data.actions,
                              lengths=data.lengths, subgoal=data.subgoal, success=data.success, task_id=data.task_id)
 
 
 class OracleEncoder(nn.Module):
-    """The model's own encoder on the observation, plus a learned embedding of the appended target one-hot."""
+    """The model's own encoder on the observation, plus a learned linear embedding of the appended oracle input."""
 
-    def __init__(self, inner: nn.Module, d_model: int):
+    def __init__(self, inner: nn.Module, d_model: int, width: int):
         super().__init__()
-        self.inner, self.oracle = inner, nn.Linear(N_COLOURS, d_model)
+        self.inner, self.oracle, self.width = inner, nn.Linear(width, d_model), width
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.inner(obs[..., :-N_COLOURS]) + self.oracle(obs[..., -N_COLOURS:])
+        return self.inner(obs[..., :-self.width]) + self.oracle(obs[..., -self.width:])
 
 
 class OracleModel(etarl.BaseModel):
@@ -67,28 +121,29 @@ class OracleModel(etarl.BaseModel):
             raise ValueError("the shortest-path action loss is the grid's")
         out = super().loss(batch, control, obs_loss=False)
         if obs_loss:
-            real, m = batch["obs"][:, 1:, :-N_COLOURS], batch["mask"].float()
+            real, m = batch["obs"][:, 1:, :-self.encoder.width], batch["mask"].float()
             obs_nll = ((0.5 * (self.obs_head(out["out"]["h"]) - real) ** 2).sum(-1) * m).sum() / m.sum()
             out.update(obs_nll=obs_nll, loss=out["action_nll"] + self.cfg.obs_weight * obs_nll)
         return out
 
 
-def new_model(cfg: etarl.ModelConfig, oracle: bool) -> etarl.BaseModel:
-    """A fresh ant base model of `cfg`, with the oracle's extra input if asked."""
+def new_model(cfg: etarl.ModelConfig, oracle: str | None) -> etarl.BaseModel:
+    """A fresh ant base model of `cfg`, with the oracle's extra input ("colour" or "direction") if asked."""
     if not oracle:
         return etarl.build_model(cfg, "ant")
     model = OracleModel(cfg, obs_dim=etarl.envs.ant_obs_dim(), n_actions=8, env="ant")
-    model.encoder = OracleEncoder(model.encoder, cfg.d_model)
+    model.encoder = OracleEncoder(model.encoder, cfg.d_model, ORACLE_WIDTH[oracle])
     return model
 
 
-def result_name(kind: str, steps: int, episodes: int, oracle: bool = False) -> str:
-    """The file stem of a saved result: ant_<kind>[_oracle]_<steps>[_n<episodes>]."""
-    return f"ant_{kind}{'_oracle' if oracle else ''}_{steps}{f'_n{episodes}' if episodes else ''}"
+def result_name(kind: str, steps: int, episodes: int, oracle: str | None = None) -> str:
+    """The file stem of a saved result: ant_<kind>[_oracle|_direction]_<steps>[_n<episodes>]."""
+    tag = {None: "", "colour": "_oracle"}.get(oracle, f"_{oracle}")
+    return f"ant_{kind}{tag}_{steps}{f'_n{episodes}' if episodes else ''}"
 
 
-def saved_model(steps: int, oracle: bool, episodes: int = 0) -> etarl.BaseModel:
-    """The ego model saved by `pretrain --encoder ego [--oracle] --steps <steps> [--train-episodes N]`, frozen."""
+def saved_model(steps: int, oracle: str | None, episodes: int = 0) -> etarl.BaseModel:
+    """The ego model saved by `pretrain --encoder ego [--oracle KIND] --steps <steps> [--train-episodes N]`, frozen."""
     cfg = etarl.get_preset("cpu", "ant").model
     cfg.encoder = "ego"
     model = new_model(cfg, oracle)
@@ -112,7 +167,8 @@ def pretrain(args) -> None:
     if args.train_episodes:
         train = more_episodes(run, args.train_episodes)
     if args.oracle:
-        train, test = with_oracle(train), with_oracle(test)
+        s = run.seed * 10**7                                          # the seeds of Run.data
+        train, test = with_oracle(train, args.oracle, s), with_oracle(test, args.oracle, s + 5 * 10**6)
     cfg = run.cfg
     cfg.model.encoder, cfg.pretrain.steps = args.encoder, args.steps
     torch.manual_seed(0)
@@ -132,7 +188,7 @@ def steer(args) -> None:
     """Does the oracle model walk to the colour it is told? Episodes on random pretraining tasks, told the true
     next colour, or a wrong one: the true one shifted by 1-3 (drawn per episode). Reports which colour each
     episode entered first (the told one, the task's true first colour, or another), and the progress made."""
-    model = saved_model(args.steps, oracle=True, episodes=args.train_episodes)
+    model = saved_model(args.steps, "colour", episodes=args.train_episodes)
     rows = {}
     for told in ("true", "shifted"):
         env = etarl.envs.AntPinpadVec(args.episodes)
@@ -160,13 +216,83 @@ def steer(args) -> None:
 
 
 @torch.no_grad()
+def walk(args) -> None:
+    """Does a vector-oracle model walk where it is told? Episodes on random pretraining tasks, told the true
+    `world_vector` at every step (turned into the torso frame), or that vector turned by a random angle of 90-270
+    degrees (drawn per episode). Reports the mean speed along the told world direction and across it (m per env
+    step; the expert's gait: about 0.05 along), the task progress and success; and the same for the plain ego
+    model (`pretrain --encoder ego`), which is told nothing, measured against the true vector."""
+    rows = {}
+    for name, oracle, turned in (("plain", None, False), ("told", args.oracle, False), ("turned", args.oracle, True)):
+        model = saved_model(args.steps, oracle, args.train_episodes)
+        env = etarl.envs.AntPinpadVec(args.episodes)
+        obs, _ = env.reset(seed=args.seed)
+        turn = np.random.default_rng(args.seed).uniform(np.pi / 2, 3 * np.pi / 2, args.episodes) * turned
+        gen, cache = torch.Generator().manual_seed(args.seed), model.new_cache()
+        along, across, steps = 0.0, 0.0, 0
+        while not env.done.all():
+            live, told = ~env.done, np.zeros((args.episodes, 2))      # the told direction, a unit vector in world axes
+            for i in np.flatnonzero(live):
+                (x, y), c, s = world_vector(env.envs[i], args.oracle), np.cos(turn[i]), np.sin(turn[i])
+                told[i] = c * x - s * y, s * x + c * y
+            if oracle:
+                local = [etarl.envs.torso_frame(e.data.qpos, d) for e, d in zip(env.envs, told)]
+                obs = np.concatenate([obs, np.array(local, np.float32)], -1)
+            params = model.step(torch.as_tensor(obs, dtype=torch.float32), cache)["logits"]
+            action = model.action_head.mode(params) if args.greedy else model.action_head.sample(params, gen)
+            xy = env.xy.copy()
+            obs, *_ = env.step(action.numpy())
+            (dx, dy), (tx, ty) = (env.xy - xy)[live].T, told[live].T
+            along, across = along + (dx * tx + dy * ty).sum(), across + np.abs(dx * ty - dy * tx).sum()
+            steps += live.sum()
+        rows[name] = {"speed_along": float(along / steps), "speed_across": float(across / steps),
+                      "mean_length": float(env.t.mean()),
+                      "success": float(np.mean(env.progress == env.task_len)),
+                      "progress_counts": np.bincount(env.progress, minlength=4).tolist()}
+        print(name, {k: np.round(v, 4).tolist() for k, v in rows[name].items()})
+    name = result_name("walk", args.steps, args.train_episodes, args.oracle) + ("_greedy" if args.greedy else "")
+    Path(__file__).with_name(name + ".json").write_text(json.dumps(rows, indent=1))
+
+
+def cardinal_direction(env: etarl.envs.AntPinpad) -> np.ndarray:
+    """The paper's kind of command: the unit cardinal direction from the current cell's centre to the centre of
+    the neighbour that envs.ant_expert_direction's planner picks (no aim from where the torso is, no push away
+    from forbidden cells)."""
+    G, xy = env.G, env.data.qpos[:2]
+    if env.cell < 0:                                            # off the grid (the episode is over anyway)
+        return -xy / np.linalg.norm(xy)
+    centre = lambda cell: etarl.envs.ant_cell_centre(cell, G)
+    step = centre(etarl.envs.ant_expert_next_cell(env)) - centre(env.cell)
+    return step / max(np.linalg.norm(step), 1e-9)
+
+
+def cardinal(args) -> None:
+    """The ant expert's success with its gait steered by cardinal_direction instead of its own aim, noise-free,
+    on args.episodes random pretraining tasks (seeds 123..) and as many of 0-1-2-3 (seeds 10^8..)."""
+    for task, seed in ((None, 123), ("0-1-2-3", 10**8)):
+        success = []
+        for i in range(args.episodes):
+            env = etarl.envs.AntPinpad(task=task)
+            env.reset(seed=seed + i)
+            done, reward = False, 0.0
+            while not done:
+                action = etarl.envs.gait_action(env.data.qpos, env.data.qvel, env.t, cardinal_direction(env))
+                _, reward, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+            success.append(reward > 0)
+        print(f"task {task or 'random pretraining'}: cardinal-command expert success {np.mean(success):.3f}"
+              f" over {args.episodes} episodes")
+
+
+@torch.no_grad()
 def turns(args) -> None:
     """Held-out action NLL of the plain ego model and the oracle model (both saved by `pretrain`), by the number of
     steps since the target colour changed (t = 0 counts as a change)."""
     test = etarl.Run("cpu", env="ant", progress=False).data()[1]
     nll = {}
-    for name, oracle in (("plain", False), ("oracle", True)):
-        model, data = saved_model(args.steps, oracle, args.train_episodes), with_oracle(test) if oracle else test
+    for name, oracle in (("plain", None), ("oracle", "colour")):
+        model = saved_model(args.steps, oracle, args.train_episodes)
+        data = with_oracle(test, oracle, 5 * 10**6) if oracle else test
         b = data.batch(np.arange(len(data)), "cpu")
         nll[name] = -model.action_head.log_prob(model(b["obs"][:, :-1])["logits"], b["actions"]).numpy()
     mask, goal = b["mask"].numpy(), test.subgoal[:, : b["mask"].shape[1]]
@@ -189,15 +315,24 @@ def main() -> None:
     common.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("pretrain", parents=[common], help="pretrain the ant-cpu base model with another encoder or an oracle")
     p.add_argument("--encoder", choices=("ego", "linear"), default="ego")
-    p.add_argument("--oracle", action="store_true", help="add the true target colour to the model's input")
+    p.add_argument("--oracle", nargs="?", const="colour", choices=tuple(ORACLE_WIDTH),
+                   help="add the true target colour (the default) or the expert's torso-frame direction to the input")
     p = sub.add_parser("steer", parents=[common], help="roll out the ego oracle model told the true or a wrong next colour")
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--greedy", action="store_true", help="mean torques instead of sampled ones")
+    p = sub.add_parser("walk", parents=[common], help="roll out a vector-oracle model told the true or a turned vector")
+    p.add_argument("--oracle", choices=("direction", "target"), default="direction")
+    p.add_argument("--episodes", type=int, default=128)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--greedy", action="store_true", help="mean torques instead of sampled ones")
+    p = sub.add_parser("cardinal", help="the expert's success when its gait follows cardinal commands, as the paper's")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
     sub.add_parser("turns", parents=[common], help="held-out NLL of the plain and the oracle model by steps since a target change")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"pretrain": pretrain, "steer": steer, "turns": turns}[args.command](args)
+    {"pretrain": pretrain, "steer": steer, "walk": walk, "cardinal": cardinal, "turns": turns}[args.command](args)
 
 
 if __name__ == "__main__":
