@@ -774,11 +774,16 @@ def _repulsion(xy: np.ndarray, env: AntPinpad, target: int) -> np.ndarray:
     return push
 
 
+def ant_expert_target(env: AntPinpad) -> int:
+    """The colour the ant expert heads for: the task's next colour (its last once the task is complete)."""
+    return int(env.task[min(env.progress, len(env.task) - 1)])
+
+
 def ant_expert_next_cell(env: AntPinpad) -> int:
     """The ant expert's planner (App. C.1.2): the neighbouring cell on a shortest path to the next colour,
     avoiding walls and every other colour, as the grid expert; the current cell in a dead end (only reachable
     by noise: every way out crosses a forbidden cell). The ant must be on the grid."""
-    G, target = env.G, env.task[min(env.progress, len(env.task) - 1)]
+    G, target = env.G, ant_expert_target(env)
     dist = colour_distances(env.colour_cells, env.wall_cells, G)[target]
     row, col = divmod(env.cell, G)
     forbidden = set(env.wall_cells.tolist()) | set(env.colour_cells.tolist()) - {int(env.colour_cells[target])}
@@ -794,9 +799,8 @@ def ant_expert_direction(env: AntPinpad) -> np.ndarray:
     if env.cell < 0:                                            # off the grid (the episode is over anyway)
         aim = -xy
     else:
-        target = env.task[min(env.progress, len(env.task) - 1)]
         aim = ant_cell_centre(ant_expert_next_cell(env), env.G) - xy
-        aim = aim / (np.linalg.norm(aim) + 1e-9) + _repulsion(xy, env, target)
+        aim = aim / (np.linalg.norm(aim) + 1e-9) + _repulsion(xy, env, ant_expert_target(env))
     return aim / (np.linalg.norm(aim) + 1e-9)
 
 

@@ -106,7 +106,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     plus a push away from forbidden cells closer than 0.6 m) driving a hand-made trot tracked by PD
     control (envs.ANT_GAIT, tuned by random search), not the paper's PPO-trained locomotion policy. It
     aims from where the torso is at the next cell's centre, not in the paper's cardinal directions (with
-    cardinal commands the same gait solved 0.58 / 0.44 of pretraining / 0-1-2-3 episodes).
+    cardinal commands from cell centre to cell centre and no push, the same gait solved 0.59 / 0.49 of
+    pretraining / 0-1-2-3 episodes).
 16. Hawk (the ant's base model): Griffin's recurrent block (GeLU gate branch times RG-LRU after a causal
     depthwise convolution of width 4, recurrence width = d_model) with RMS norms and a GeLU-gated MLP;
     the RG-LRU runs as a plain loop over time (clear, and the same code for whole sequences and single
@@ -625,11 +626,16 @@ class AntEgoEncoder(nn.Module):
         self.n_objects = n_objects
         self.linear = nn.Linear(obs_dim + 2 * n_objects + 2, d_model)
 
+    @classmethod
+    def yaw(cls, obs: torch.Tensor) -> torch.Tensor:
+        """(...,) the torso's heading about the vertical, read from the observed quaternion."""
+        w, x, y, z = symexp(obs[..., cls.QUAT]).unbind(-1)
+        return torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
     def ego_features(self, obs: torch.Tensor) -> torch.Tensor:
         """(..., 2 n_objects + 2): each object's offset from the torso, then the torso's velocity, in the torso's
         frame (x forward along the torso's heading, y to its left)."""
-        w, x, y, z = symexp(obs[..., self.QUAT]).unbind(-1)
-        yaw = torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+        yaw = self.yaw(obs)
         c, s = torch.cos(yaw)[..., None], torch.sin(yaw)[..., None]
         world = torch.cat([obs[..., self.OBJECTS: self.OBJECTS + 2 * self.n_objects],
                            symexp(obs[..., self.VEL])], -1).unflatten(-1, (-1, 2))   # (..., n + 1, 2)

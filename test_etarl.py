@@ -1356,14 +1356,14 @@ def test_ant_expert_holds_its_cell_in_a_dead_end():
 
 
 def test_ant_expert_plans_around_a_wall_and_walks_towards_the_next_cell():
-    """The planner picks the neighbour on a shortest path around a wall (4x4 grid, row-major cells), and the
-    gait's direction is a unit vector from the torso towards that cell's centre."""
+    """The planner picks the neighbour on a shortest path around a wall and another colour (4x4 grid, row-major
+    cells), and the gait's direction is a unit vector from the torso towards that cell's centre."""
     env = AntPinpad(task="2")
     env.reset(seed=0)
-    env.colour_cells, env.wall_cells = np.array([12, 13, 3, 15]), np.array([6])    # colour 2 at the top right
-    _teleport(env, 5)                                  # row 1, col 1: the wall at col 2 blocks the way right
-    assert env.cell == 5 and envs.ant_expert_next_cell(env) == 1                  # up, then right along row 0
-    direction, towards = envs.ant_expert_direction(env), envs.ant_cell_centre(1) - env.data.qpos[:2]
+    env.colour_cells, env.wall_cells = np.array([1, 13, 7, 15]), np.array([6])    # colour 2 at row 1, col 3
+    _teleport(env, 5)                   # row 1, col 1: the wall (cell 6) blocks the way right, colour 0 the way up
+    assert env.cell == 5 and envs.ant_expert_next_cell(env) == 9                  # down, then right along row 2
+    direction, towards = envs.ant_expert_direction(env), envs.ant_cell_centre(9) - env.data.qpos[:2]
     assert np.isclose(np.linalg.norm(direction), 1) and direction @ towards / np.linalg.norm(towards) > 0.9
 
 

@@ -1,30 +1,32 @@
 """Why the ant's base model does not learn where to go: the experiments behind the lab notes
 (experiments/README.md, section 6).
 
-  python experiments/ant.py pretrain --encoder ego --steps 2000 [--oracle [colour|direction|target]]
+  python experiments/ant.py pretrain --encoder ego|linear|grid --steps 2000 [--oracle [colour|direction|target]]
                                     [--train-episodes N]
-      the ant-cpu base model pretrained on the ant run's data (runs/ant-cpu-s0, made by `python etarl.py --env
-      ant --force` or made here) with another observation encoder ("ego": the torso-frame view, deviation 22;
-      "linear": the preset's), the preset's schedule cut to --steps (the cosine decays over the cut length), seed
-      0. With --oracle the true target colour (one-hot) is added to the model's input, through an embedding of its
-      own, and is never a target of the observation head: how much better would the model predict the expert's
-      torques if it knew where the expert was going? With --oracle direction it is instead the direction the
-      expert's gait walks at that step, a unit vector in the torso's frame (replayed from the episodes' seeds,
-      cached in experiments/ant_directions_<N>_<seed>.npy): can the model learn to walk where it is told, with no
-      planning left to do? With --oracle target it is the unit vector from the torso straight to the next
-      colour's cell, in the torso's frame (cached likewise): is heading straight for the colour, without the
-      planner's way around walls and other colours, enough? The quality gate (held-out action R^2, colour probe
-      at L/2) is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle|_direction|_target]_<steps>
-      [_n<N>].json (history, probes per layer) and the model (.pt). About 8-14 minutes per 1,000 steps on one
-      thread beside other jobs on 2 cores. With --train-episodes N it trains on N noisy expert episodes instead
-      of the run's 800 (the same seeds 0..N-1, so the run's 800 among them; generated on 2 worker processes,
-      about 0.07 s each, and cached in experiments/ant_train_<N>.npz): does the colour probe leave chance when
-      the same number of draws comes from more distinct episodes?
+      the ant-cpu base model pretrained on the ant run's data (runs/ant-cpu-s0, made by `python etarl.py --env ant
+      --force` or made here) with another observation encoder ("ego": the torso-frame view, deviation 22; "linear":
+      the preset's; "grid": "ego" plus the grid world's agent-centred lookups of the cells the observation implies,
+      AntGridEncoder, not the paper's), the preset's schedule cut to --steps (the cosine decays over the cut
+      length), seed 0. With --oracle the true target colour (one-hot) is added to the model's input, through an
+      embedding of its own, and is never a target of the observation head: how much better would the model predict
+      the expert's torques if it knew where the expert was going? With --oracle direction it is instead the
+      direction the expert's gait walks at that step, a unit vector in the torso's frame (replayed from the
+      episodes' seeds, cached in experiments/ant_directions_<N>_<seed>.npy): can the model learn to walk where it is
+      told, with no planning left to do? With --oracle target it is the unit vector from the torso straight to the
+      next colour's cell, in the torso's frame (cached likewise): is heading straight for the colour, without the
+      planner's way around walls and other colours, enough? The quality gate (held-out action R^2, colour probe at
+      L/2) is printed every 1,000 steps. Writes experiments/ant_<encoder>[_oracle|_direction|_target]_<steps>
+      [_n<N>].json (history, probes per layer) and the model (.pt). About 8-14 minutes per 1,000 steps on one thread
+      beside other jobs on 2 cores. With --train-episodes N it trains on N noisy expert episodes instead of the
+      run's 800 (the same seeds 0..N-1, so the run's 800 among them; generated on 2 worker processes, about 0.07 s
+      each, and cached in experiments/ant_train_<N>.npz): does the colour probe leave chance when the same number of
+      draws comes from more distinct episodes?
 
-  python experiments/ant.py steer --steps 2000 [--greedy] [--train-episodes N]
-      the oracle model of `pretrain --oracle --steps 2000` in 128 episodes of random pretraining tasks, told the
-      true next colour, then a wrong one (the true one shifted by 1-3 per episode): which colour does it enter
-      first? Writes experiments/ant_steer_2000[_n<N>][_greedy].json. About a minute.
+  python experiments/ant.py steer --steps 2000 [--encoder ego|grid] [--greedy] [--train-episodes N]
+      the colour-oracle model of `pretrain --encoder ego|grid --oracle --steps 2000` in 128 episodes of random
+      pretraining tasks, told the true next colour, then a wrong one (the true one shifted by 1-3 per episode):
+      which colour does it enter first? Writes experiments/ant_steer[_grid]_2000[_n<N>][_greedy].json. About a
+      minute.
 
   python experiments/ant.py walk --steps 2000 [--oracle direction|target] [--greedy] [--train-episodes N]
       the vector-oracle model of `pretrain --oracle direction|target --steps 2000` in 128 episodes of random
@@ -44,6 +46,7 @@
       0-4, 5-19 and 20 or more steps after the target colour changed. Under a minute.
 """
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -66,8 +69,7 @@ def world_vector(env: etarl.envs.AntPinpad, oracle: str) -> np.ndarray:
     there, without the planner's way around walls and other colours)."""
     if oracle == "direction":
         return etarl.envs.ant_expert_direction(env)
-    target = env.task[min(env.progress, len(env.task) - 1)]
-    offset = etarl.envs.ant_cell_centre(env.colour_cells[target], env.G) - env.data.qpos[:2]
+    offset = etarl.envs.ant_cell_centre(env.colour_cells[etarl.envs.ant_expert_target(env)], env.G) - env.data.qpos[:2]
     return offset / (np.linalg.norm(offset) + 1e-9)
 
 
@@ -127,29 +129,70 @@ class OracleModel(etarl.BaseModel):
         return out
 
 
-def new_model(cfg: etarl.ModelConfig, oracle: str | None) -> etarl.BaseModel:
-    """A fresh ant base model of `cfg`, with the oracle's extra input ("colour" or "direction") if asked."""
-    if not oracle:
-        return etarl.build_model(cfg, "ant")
-    model = OracleModel(cfg, obs_dim=etarl.envs.ant_obs_dim(), n_actions=8, env="ant")
-    model.encoder = OracleEncoder(model.encoder, cfg.d_model, ORACLE_WIDTH[oracle])
+class AntGridEncoder(nn.Module):
+    """The torso-frame view (etarl.AntEgoEncoder) plus the grid world's agent-centred lookups (as etarl.EgoEncoder)
+    on the cells the observation implies: one learned vector per (object, offset of its cell from the torso's
+    cell) and one per torso cell; and a linear embedding of the cosine and sine of the torso's yaw, which turn a
+    direction on the grid into the torso's frame. Not the paper's; a diagnostic: can the ant's model plan when
+    its input names the cells, as the grid model's does?"""
+
+    def __init__(self, ego: etarl.AntEgoEncoder, d_model: int, grid_size: int = 4):
+        super().__init__()
+        G, n = grid_size, ego.n_objects
+        self.ego, self.G, self.S = ego, G, 2 * G - 1
+        self.objects = nn.Embedding(n * self.S ** 2, d_model)
+        self.agent_cell = nn.Embedding(G * G, d_model)
+        self.yaw = nn.Linear(2, d_model)
+        for table in (self.objects, self.agent_cell):      # small, so as not to drown the torso-frame view at first
+            nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        G, S, n, metres = self.G, self.S, self.ego.n_objects, etarl.envs.ANT_CELL
+        first = etarl.AntEgoEncoder.OBJECTS                            # envs.AntPinpad's layout: torso x, y just before
+        torso = obs[..., first - 2: first] * G * metres / 2
+        objects = torso[..., None, :] + obs[..., first: first + 2 * n].unflatten(-1, (n, 2)) * G * metres
+        cell = lambda xy: ((G / 2 - xy[..., 1] / metres).floor().clamp(0, G - 1).long(),   # (row, col), as
+                           (xy[..., 0] / metres + G / 2).floor().clamp(0, G - 1).long())   # envs.ant_cell
+        (row, col), (orow, ocol) = cell(torso), cell(objects)
+        offset = (orow - row[..., None] + G - 1) * S + (ocol - col[..., None] + G - 1)
+        yaw = etarl.AntEgoEncoder.yaw(obs)
+        return (self.ego(obs) + self.objects(offset + S * S * torch.arange(n, device=obs.device)).sum(-2)
+                + self.agent_cell(row * G + col) + self.yaw(torch.stack([yaw.cos(), yaw.sin()], -1)))
+
+
+def new_model(cfg: etarl.ModelConfig, oracle: str | None, encoder: str = "ego") -> etarl.BaseModel:
+    """A fresh ant base model of `cfg` (with encoder "grid": "ego" plus AntGridEncoder's lookups), with the
+    oracle's extra input ("colour", "direction" or "target") if asked."""
+    cfg = dataclasses.replace(cfg, encoder="ego" if encoder == "grid" else encoder)
+    if oracle:
+        model = OracleModel(cfg, obs_dim=etarl.envs.ant_obs_dim(), n_actions=8, env="ant")
+    else:
+        model = etarl.build_model(cfg, "ant")
+    if encoder == "grid":
+        model.encoder = AntGridEncoder(model.encoder, cfg.d_model)
+    if oracle:
+        model.encoder = OracleEncoder(model.encoder, cfg.d_model, ORACLE_WIDTH[oracle])
     return model
 
 
 def result_name(kind: str, steps: int, episodes: int, oracle: str | None = None) -> str:
-    """The file stem of a saved result: ant_<kind>[_oracle|_direction]_<steps>[_n<episodes>]."""
+    """The file stem of a saved result: ant_<kind>[_oracle|_direction|_target]_<steps>[_n<episodes>]."""
     tag = {None: "", "colour": "_oracle"}.get(oracle, f"_{oracle}")
     return f"ant_{kind}{tag}_{steps}{f'_n{episodes}' if episodes else ''}"
 
 
-def saved_model(steps: int, oracle: str | None, episodes: int = 0) -> etarl.BaseModel:
-    """The ego model saved by `pretrain --encoder ego [--oracle KIND] --steps <steps> [--train-episodes N]`, frozen."""
-    cfg = etarl.get_preset("cpu", "ant").model
-    cfg.encoder = "ego"
-    model = new_model(cfg, oracle)
-    name = result_name("ego", steps, episodes, oracle) + ".pt"
+def saved_model(steps: int, oracle: str | None, episodes: int = 0, encoder: str = "ego") -> etarl.BaseModel:
+    """The model saved by `pretrain --encoder <encoder> [--oracle KIND] --steps <steps> [--train-episodes N]`,
+    frozen."""
+    model = new_model(etarl.get_preset("cpu", "ant").model, oracle, encoder)
+    name = result_name(encoder, steps, episodes, oracle) + ".pt"
     model.load_state_dict(torch.load(Path(__file__).with_name(name)))
     return etarl.freeze(model).eval()
+
+
+def data_seeds(run: etarl.Run) -> tuple[int, int]:
+    """The first seeds of the run's training and held-out episodes (etarl.Run.data)."""
+    return run.seed * 10**7, run.seed * 10**7 + 5 * 10**6
 
 
 def more_episodes(run: etarl.Run, n: int) -> etarl.AntEpisodes:
@@ -157,7 +200,7 @@ def more_episodes(run: etarl.Run, n: int) -> etarl.AntEpisodes:
     path = Path(__file__).with_name(f"ant_train_{n}.npz")
     if not path.exists():
         c = run.cfg.data
-        etarl.generate_ant_episodes(n, run.seed * 10**7, noise=c.noise, progress=True, workers=2).save(path)
+        etarl.generate_ant_episodes(n, data_seeds(run)[0], noise=c.noise, progress=True, workers=2).save(path)
     return etarl.AntEpisodes.load(path)
 
 
@@ -167,12 +210,11 @@ def pretrain(args) -> None:
     if args.train_episodes:
         train = more_episodes(run, args.train_episodes)
     if args.oracle:
-        s = run.seed * 10**7                                          # the seeds of Run.data
-        train, test = with_oracle(train, args.oracle, s), with_oracle(test, args.oracle, s + 5 * 10**6)
+        train, test = (with_oracle(d, args.oracle, s) for d, s in zip((train, test), data_seeds(run)))
     cfg = run.cfg
-    cfg.model.encoder, cfg.pretrain.steps = args.encoder, args.steps
+    cfg.pretrain.steps = args.steps
     torch.manual_seed(0)
-    model = new_model(cfg.model, args.oracle)
+    model = new_model(cfg.model, args.oracle, args.encoder)
     t0 = time.time()
     history = etarl.pretrain(model, train, test, cfg.pretrain, 0, cfg.probe)
     probes = etarl.probe_layers(etarl.freeze(model), test, cfg.probe).tolist()
@@ -188,7 +230,7 @@ def steer(args) -> None:
     """Does the oracle model walk to the colour it is told? Episodes on random pretraining tasks, told the true
     next colour, or a wrong one: the true one shifted by 1-3 (drawn per episode). Reports which colour each
     episode entered first (the told one, the task's true first colour, or another), and the progress made."""
-    model = saved_model(args.steps, "colour", episodes=args.train_episodes)
+    model = saved_model(args.steps, "colour", args.train_episodes, args.encoder)
     rows = {}
     for told in ("true", "shifted"):
         env = etarl.envs.AntPinpadVec(args.episodes)
@@ -211,7 +253,8 @@ def steer(args) -> None:
                       "progress_counts": np.bincount(env.progress, minlength=4).tolist(),
                       "mean_length": float(env.t.mean())}
         print(told, rows[told])
-    name = result_name("steer", args.steps, args.train_episodes) + ("_greedy" if args.greedy else "") + ".json"
+    kind = "steer" if args.encoder == "ego" else f"steer_{args.encoder}"
+    name = result_name(kind, args.steps, args.train_episodes) + ("_greedy" if args.greedy else "") + ".json"
     Path(__file__).with_name(name).write_text(json.dumps(rows, indent=1))
 
 
@@ -256,14 +299,13 @@ def walk(args) -> None:
 
 def cardinal_direction(env: etarl.envs.AntPinpad) -> np.ndarray:
     """The paper's kind of command: the unit cardinal direction from the current cell's centre to the centre of
-    the neighbour that envs.ant_expert_direction's planner picks (no aim from where the torso is, no push away
-    from forbidden cells)."""
-    G, xy = env.G, env.data.qpos[:2]
+    the neighbour the expert's planner picks (envs.ant_expert_next_cell), with no aim from where the torso is and
+    no push away from forbidden cells."""
     if env.cell < 0:                                            # off the grid (the episode is over anyway)
-        return -xy / np.linalg.norm(xy)
-    centre = lambda cell: etarl.envs.ant_cell_centre(cell, G)
+        return etarl.envs.ant_expert_direction(env)
+    centre = lambda cell: etarl.envs.ant_cell_centre(cell, env.G)
     step = centre(etarl.envs.ant_expert_next_cell(env)) - centre(env.cell)
-    return step / max(np.linalg.norm(step), 1e-9)
+    return step / (np.linalg.norm(step) + 1e-9)                 # zero in a dead end: the gait marks time
 
 
 def cardinal(args) -> None:
@@ -277,7 +319,7 @@ def cardinal(args) -> None:
             done, reward = False, 0.0
             while not done:
                 action = etarl.envs.gait_action(env.data.qpos, env.data.qvel, env.t, cardinal_direction(env))
-                _, reward, terminated, truncated, _ = env.step(action)
+                _, reward, terminated, truncated, _ = env.step(action.astype(np.float32))   # as the expert's data
                 done = terminated or truncated
             success.append(reward > 0)
         print(f"task {task or 'random pretraining'}: cardinal-command expert success {np.mean(success):.3f}"
@@ -288,11 +330,12 @@ def cardinal(args) -> None:
 def turns(args) -> None:
     """Held-out action NLL of the plain ego model and the oracle model (both saved by `pretrain`), by the number of
     steps since the target colour changed (t = 0 counts as a change)."""
-    test = etarl.Run("cpu", env="ant", progress=False).data()[1]
+    run = etarl.Run("cpu", env="ant", progress=False)
+    test = run.data()[1]
     nll = {}
     for name, oracle in (("plain", None), ("oracle", "colour")):
         model = saved_model(args.steps, oracle, args.train_episodes)
-        data = with_oracle(test, oracle, 5 * 10**6) if oracle else test
+        data = with_oracle(test, oracle, data_seeds(run)[1]) if oracle else test
         b = data.batch(np.arange(len(data)), "cpu")
         nll[name] = -model.action_head.log_prob(model(b["obs"][:, :-1])["logits"], b["actions"]).numpy()
     mask, goal = b["mask"].numpy(), test.subgoal[:, : b["mask"].shape[1]]
@@ -313,11 +356,12 @@ def main() -> None:
     common.add_argument("--train-episodes", type=int, default=0,
                         help="training episodes (of the saved models to use; default 0: the run's 800)")
     common.add_argument("--threads", type=int, default=1)
-    p = sub.add_parser("pretrain", parents=[common], help="pretrain the ant-cpu base model with another encoder or an oracle")
-    p.add_argument("--encoder", choices=("ego", "linear"), default="ego")
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain the ant-cpu model with another encoder or an oracle")
+    p.add_argument("--encoder", choices=("ego", "linear", "grid"), default="ego")
     p.add_argument("--oracle", nargs="?", const="colour", choices=tuple(ORACLE_WIDTH),
-                   help="add the true target colour (the default) or the expert's torso-frame direction to the input")
-    p = sub.add_parser("steer", parents=[common], help="roll out the ego oracle model told the true or a wrong next colour")
+                   help="add the true target colour (the default), or a torso-frame direction, to the input")
+    p = sub.add_parser("steer", parents=[common], help="roll out the colour-oracle model told the true or a wrong one")
+    p.add_argument("--encoder", choices=("ego", "grid"), default="ego", help="of the saved model")
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--greedy", action="store_true", help="mean torques instead of sampled ones")
@@ -329,7 +373,8 @@ def main() -> None:
     p = sub.add_parser("cardinal", help="the expert's success when its gait follows cardinal commands, as the paper's")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    sub.add_parser("turns", parents=[common], help="held-out NLL of the plain and the oracle model by steps since a target change")
+    sub.add_parser("turns", parents=[common],
+                   help="held-out NLL of the plain and the oracle model by steps since a target change")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"pretrain": pretrain, "steer": steer, "walk": walk, "cardinal": cardinal, "turns": turns}[args.command](args)
