@@ -804,26 +804,28 @@ def ant_expert_direction(env: AntPinpad) -> np.ndarray:
     return aim / (np.linalg.norm(aim) + 1e-9)
 
 
-def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The ant expert (App. C.1.2): the gait walks along `ant_expert_direction`. noise > 0 adds Gaussian noise of
-    that std to the torques (pretraining diversity); noise 0 is the noise-free expert used for the
-    metacontroller's data."""
-    action = gait_action(env.data.qpos, env.data.qvel, env.t, ant_expert_direction(env))
+def ant_expert_action(env: AntPinpad, noise: float = 0.0, rng: np.random.Generator | None = None,
+                      direction=ant_expert_direction) -> np.ndarray:
+    """The ant expert (App. C.1.2): the gait walks along `direction(env)` (another command can be tried in its
+    place). noise > 0 adds Gaussian noise of that std to the torques (pretraining diversity); noise 0 is the
+    noise-free expert used for the metacontroller's data."""
+    action = gait_action(env.data.qpos, env.data.qvel, env.t, direction(env))
     if noise > 0:
         action = np.clip(action + (rng or np.random.default_rng()).normal(0, noise, 8), -1, 1)
     return action
 
 
-def ant_expert_episode(seed: int, task=None, noise: float = 0.0, T: int = 500) -> tuple:
-    """One expert episode of AntPinpad(task, T).reset(seed=seed): observations (T'+1, 41), the torques as
-    applied (T', 8), the colour aimed at before each step (T',), success, and the task."""
+def ant_expert_episode(seed: int, task=None, noise: float = 0.0, T: int = 500, direction=ant_expert_direction) -> tuple:
+    """One expert episode of AntPinpad(task, T).reset(seed=seed), its gait steered by `direction` (as
+    ant_expert_action): observations (T'+1, 41), the torques as applied (T', 8), the colour aimed at before each
+    step (T',), success, and the task."""
     env = AntPinpad(task=task, T=T)
     o, info = env.reset(seed=seed)
     rng = np.random.default_rng([seed, 1])
     obs, actions, subgoal, done, reward = [o], [], [], False, 0.0
     while not done:
         subgoal.append(info["subgoal"])
-        actions.append(ant_expert_action(env, noise, rng).astype(np.float32))
+        actions.append(ant_expert_action(env, noise, rng, direction).astype(np.float32))
         o, reward, terminated, truncated, info = env.step(actions[-1])
         obs.append(o)
         done = terminated or truncated

@@ -225,6 +225,23 @@ def pretrain(args) -> None:
     print(name, "probes per layer", np.round(probes, 3).tolist(), f"{result['seconds']:.0f} s")
 
 
+def play(model: etarl.BaseModel, args, told_input):
+    """Roll out `model` in args.episodes episodes of random pretraining tasks (AntPinpadVec.reset(seed=args.seed)),
+    with sampled torques, or their means with args.greedy. Before each step, told_input(env) gives what is appended
+    to the observations (None: nothing). Yields (env, info, live, moved) after each step: live marks the episodes
+    that were still running, moved is their torsos' displacement (live episodes only)."""
+    env = etarl.envs.AntPinpadVec(args.episodes)
+    obs, _ = env.reset(seed=args.seed)
+    gen, cache = torch.Generator().manual_seed(args.seed), model.new_cache()
+    while not env.done.all():
+        live, extra, xy = ~env.done, told_input(env), env.xy.copy()
+        x = obs if extra is None else np.concatenate([obs, extra], -1)
+        params = model.step(torch.as_tensor(x, dtype=torch.float32), cache)["logits"]
+        action = model.action_head.mode(params) if args.greedy else model.action_head.sample(params, gen)
+        obs, _, _, _, info = env.step(action.numpy())
+        yield env, info, live, (env.xy - xy)[live]
+
+
 @torch.no_grad()
 def steer(args) -> None:
     """Does the oracle model walk to the colour it is told? Episodes on random pretraining tasks, told the true
@@ -233,17 +250,15 @@ def steer(args) -> None:
     model = saved_model(args.steps, "colour", args.train_episodes, args.encoder)
     rows = {}
     for told in ("true", "shifted"):
-        env = etarl.envs.AntPinpadVec(args.episodes)
-        obs, _ = env.reset(seed=args.seed)
         shift = np.random.default_rng(args.seed).integers(1, N_COLOURS, args.episodes) if told == "shifted" else 0
-        gen, cache = torch.Generator().manual_seed(args.seed), model.new_cache()
-        first, first_told = np.full(args.episodes, -1), np.full(args.episodes, -1)
-        while not env.done.all():
+        first, first_told, target = np.full(args.episodes, -1), np.full(args.episodes, -1), None
+
+        def onehot(env):
+            nonlocal target
             target = (env.target + shift) % N_COLOURS
-            onehot = (target[:, None] == np.arange(N_COLOURS)).astype(np.float32)
-            params = model.step(torch.as_tensor(np.concatenate([obs, onehot], -1)), cache)["logits"]
-            action = model.action_head.mode(params) if args.greedy else model.action_head.sample(params, gen)
-            obs, _, _, _, info = env.step(action.numpy())
+            return (target[:, None] == np.arange(N_COLOURS)).astype(np.float32)
+
+        for env, info, _, _ in play(model, args, onehot):
             entered = (info["visited"] >= 0) & (first < 0)
             first[entered], first_told[entered] = info["visited"][entered], target[entered]
         true_first = env.tasks[:, 0]
@@ -268,24 +283,20 @@ def walk(args) -> None:
     rows = {}
     for name, oracle, turned in (("plain", None, False), ("told", args.oracle, False), ("turned", args.oracle, True)):
         model = saved_model(args.steps, oracle, args.train_episodes)
-        env = etarl.envs.AntPinpadVec(args.episodes)
-        obs, _ = env.reset(seed=args.seed)
         turn = np.random.default_rng(args.seed).uniform(np.pi / 2, 3 * np.pi / 2, args.episodes) * turned
-        gen, cache = torch.Generator().manual_seed(args.seed), model.new_cache()
-        along, across, steps = 0.0, 0.0, 0
-        while not env.done.all():
-            live, told = ~env.done, np.zeros((args.episodes, 2))      # the told direction, a unit vector in world axes
-            for i in np.flatnonzero(live):
+        along, across, steps, told = 0.0, 0.0, 0, None
+
+        def direction(env):
+            nonlocal told
+            told = np.zeros((args.episodes, 2))                       # the told direction, a unit vector in world axes
+            for i in np.flatnonzero(~env.done):
                 (x, y), c, s = world_vector(env.envs[i], args.oracle), np.cos(turn[i]), np.sin(turn[i])
                 told[i] = c * x - s * y, s * x + c * y
             if oracle:
-                local = [etarl.envs.torso_frame(e.data.qpos, d) for e, d in zip(env.envs, told)]
-                obs = np.concatenate([obs, np.array(local, np.float32)], -1)
-            params = model.step(torch.as_tensor(obs, dtype=torch.float32), cache)["logits"]
-            action = model.action_head.mode(params) if args.greedy else model.action_head.sample(params, gen)
-            xy = env.xy.copy()
-            obs, *_ = env.step(action.numpy())
-            (dx, dy), (tx, ty) = (env.xy - xy)[live].T, told[live].T
+                return np.array([etarl.envs.torso_frame(e.data.qpos, d) for e, d in zip(env.envs, told)], np.float32)
+
+        for env, _, live, moved in play(model, args, direction):
+            (dx, dy), (tx, ty) = moved.T, told[live].T
             along, across = along + (dx * tx + dy * ty).sum(), across + np.abs(dx * ty - dy * tx).sum()
             steps += live.sum()
         rows[name] = {"speed_along": float(along / steps), "speed_across": float(across / steps),
@@ -312,16 +323,8 @@ def cardinal(args) -> None:
     """The ant expert's success with its gait steered by cardinal_direction instead of its own aim, noise-free,
     on args.episodes random pretraining tasks (seeds 123..) and as many of 0-1-2-3 (seeds 10^8..)."""
     for task, seed in ((None, 123), ("0-1-2-3", 10**8)):
-        success = []
-        for i in range(args.episodes):
-            env = etarl.envs.AntPinpad(task=task)
-            env.reset(seed=seed + i)
-            done, reward = False, 0.0
-            while not done:
-                action = etarl.envs.gait_action(env.data.qpos, env.data.qvel, env.t, cardinal_direction(env))
-                _, reward, terminated, truncated, _ = env.step(action.astype(np.float32))   # as the expert's data
-                done = terminated or truncated
-            success.append(reward > 0)
+        success = [etarl.envs.ant_expert_episode(seed + i, task, direction=cardinal_direction)[3]
+                   for i in range(args.episodes)]
         print(f"task {task or 'random pretraining'}: cardinal-command expert success {np.mean(success):.3f}"
               f" over {args.episodes} episodes")
 

@@ -451,8 +451,7 @@ class Factored(etarl.BaseModel):
         self.under = torch.nn.Embedding(8 + 1, cfg.d_model)
 
     def forward(self, obs, control=None, return_residuals=False, cache=None, start=0):
-        B, T, _ = obs.shape
-        pos = torch.arange(start, start + T, device=obs.device)
+        pos = torch.arange(start, start + obs.shape[1], device=obs.device)
         mid = len(self.blocks) // 2
         e = self.under(colour_under(obs))
         residuals = [e]
