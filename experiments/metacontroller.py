@@ -34,10 +34,20 @@ diagnostic Factored model); `codes` and `rl` read it from the oracle run's JSON.
       --injection.
 
   python experiments/metacontroller.py rl ORACLE.json [--weights W.pt] [--task 0-1-2-...] [--episodes 6144]
-                                          [--lrs 3e-4 3e-3] [--seeds 3]
+                                          [--lrs 3e-4 3e-3] [--seeds 3] [--method internal|raw_action]
       internal RL (the pipeline's etarl.InternalRL and etarl.rl_experiment) on such a saved metacontroller:
       success and episode progress per batch, and the uncontrolled model's on the same task. About 10-15 s per
-      RL run of 6,144 episodes on the 12-colour task on one thread (most episodes end early).
+      RL run of 6,144 episodes on the 12-colour task on one thread (most episodes end early); about 4 minutes per
+      100,000 episodes of 0-1-2-3 or 0-1-4-5-0-1. --method raw_action runs baseline 1 instead (etarl.RawActionRL,
+      every base-model parameter trains; the metacontroller is unused): about 14 minutes per 25,600 episodes of
+      0-1-4-5-0-1, where its episodes grow long as it learns.
+
+  python experiments/metacontroller.py replay ORACLE.json [--weights W.pt] [--tasks 0-1-2-3 ...] [--episodes 500]
+      are the codes good actions on the layout they were inferred from? The encoder reads the expert's noise-free
+      episode of the task on a layout; then the controlled model plays that layout (same seed) in closed loop, and
+      at the frozen gate's k-th firing takes the k-th code inferred (an upper bound of sorts for a policy that
+      picks codes, such as internal RL's); against the next episode's codes (another layout) and no control.
+      Sampled and greedy actions. About a minute per task on one thread.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -202,20 +212,22 @@ def load_saved(oracle_json: str, weights: str | None):
 
 
 def internal_rl(args) -> dict:
-    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`:
-    for each run at the chosen lr, the mean batch success and progress (colours completed per episode) over its
-    first and last 8 batches and how many batches had unequal returns (the others give PPO no update); and the
-    uncontrolled base model's success and progress on the same task."""
+    """Internal RL (etarl.InternalRL, the pipeline's RL code) on a metacontroller saved by `oracle --save`, or
+    with --method raw_action the same RL on the base model's actions (etarl.RawActionRL): for each run at the
+    chosen lr, the mean batch success and progress (colours completed per episode) over its first and last 8
+    batches and how many batches had unequal returns (the others give PPO no update); and the uncontrolled base
+    model's success and progress on the same task."""
     run, model, test, meta = load_saved(args.oracle_json, args.weights)
     if isinstance(meta, CategoricalCode):
         raise SystemExit(f"{args.oracle_json}: a categorical code; internal RL's policy is Gaussian over z")
     stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta, test))
     print(json.dumps({k: stats[k] for k in ("f1", "switches_per_episode", "quasi_binary", "code_purity")}), flush=True)
     cfg = dataclasses.replace(run.cfg.rl, episodes=args.episodes, lrs=tuple(args.lrs), seeds=args.seeds,
-                              task=args.task, methods=("internal",))
+                              task=args.task, methods=(args.method,))
     task, t = envs.parse_task(cfg.task), time.time()
-    result = etarl.rl_experiment({"internal": lambda: etarl.InternalRL(model, meta, cfg.hidden)}, task, cfg,
-                                 progress=False)["internal"]
+    learner = {"internal": lambda: etarl.InternalRL(model, meta, cfg.hidden),
+               "raw_action": lambda: etarl.RawActionRL(model)}
+    result = etarl.rl_experiment({args.method: learner[args.method]}, task, cfg, progress=False)[args.method]
     ends = lambda v: [round(float(np.mean(v[:8])), 4), round(float(np.mean(v[-8:])), 4)]
     uncontrolled = etarl.rollout(model, task, 2000, 10**8)
     out = {"meta": stats, "seconds_per_rl_run": (time.time() - t) / (len(cfg.lrs) + cfg.seeds - 1),
@@ -280,6 +292,60 @@ def codes(args) -> dict:
     if args.injection:
         result["injection"] = etarl.code_injection(model, meta, test, n=200)
         print(json.dumps(result["injection"]), flush=True)
+    return result
+
+
+class CodeReplay:
+    """rollout's hook: a frozen metacontroller's gate, whose k-th firing in episode i takes codes[i][k] (the
+    last one if the gate fires more often than the expert's episode switched)."""
+
+    def __init__(self, meta: etarl.Metacontroller, codes: list):
+        n, self.meta, self.layer = len(codes), meta, meta.layer
+        self.device = device = next(meta.parameters()).device
+        self.codes = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in codes], batch_first=True).to(device)
+        self.last = torch.as_tensor([len(c) - 1 for c in codes], device=device)
+        self.rows, self.k = torch.arange(n, device=device), torch.zeros(n, dtype=torch.long, device=device)
+        self.z, self.gate_state, self.obs = torch.zeros(n, meta.cfg.n_z, device=device), None, None
+
+    def at(self, env) -> "CodeReplay":
+        self.obs = torch.as_tensor(env.observation, device=self.device)
+        return self
+
+    def keep_episodes(self, keep: torch.Tensor) -> None:
+        self.rows, self.z = self.rows[keep], self.z[keep]
+        self.gate_state = None if self.gate_state is None else self.gate_state[:, keep]
+
+    @torch.no_grad()
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        fire, self.gate_state = self.meta.gate_step(self.gate_state, e[:, 0], self.obs[self.rows], self.z)
+        k = torch.minimum(self.k[self.rows], self.last[self.rows])
+        self.z = torch.where(fire[:, None], self.codes[self.rows, k], self.z)
+        self.k[self.rows] += fire.long()
+        return self.meta.decode(self.z[:, None])(e)
+
+
+def replay(args) -> dict:
+    """The codes inferred from the expert's episode on a layout, played back on that layout and on another one."""
+    _, model, _, meta = load_saved(args.oracle_json, args.weights)
+    result, seed, n = {}, 10**8, args.episodes
+    for text in args.tasks:
+        task = envs.parse_task(text)
+        out = etarl.meta_outputs(model, meta, etarl.generate_episodes(n, seed, task=task))
+        fire = (out["beta"] > 0.5) & out["mask"]
+        codes = [z[f] for z, f in zip(out["z"], fire)]                 # the k-th switch's code, in order
+        row = {"switches_inferred": float(fire.sum(1).mean())}
+        for name, given in (("same_layout", codes), ("other_layout", codes[1:] + codes[:1])):
+            for greedy in (False, True):
+                hook = CodeReplay(meta, given)
+                r = etarl.rollout(model, task, n, seed, hook.at, greedy=greedy)
+                key = f"{name}_{'greedy' if greedy else 'sampled'}"
+                row[key], row[f"{key}_progress"] = float(r["success"].mean()), float(r["progress"].mean())
+                row[f"{key}_switches"] = float(hook.k.float().mean())           # the gate's firings, in closed loop
+        for greedy in (False, True):
+            r = etarl.rollout(model, task, n, seed, greedy=greedy)
+            row[f"uncontrolled_{'greedy' if greedy else 'sampled'}"] = float(r["success"].mean())
+        result[text] = row
+        print(text, json.dumps(row), flush=True)
     return result
 
 
@@ -388,25 +454,30 @@ if __name__ == "__main__":
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--code", choices=("subgoal", "target-cell"), default="subgoal",
                    help="the clean code: the subgoal's name, or the place the expert heads to")
-    r, c = sub.add_parser("rl"), sub.add_parser("codes")
-    for p in (r, c):                                  # both use a metacontroller that `oracle --save` kept
+    r, c, rp = sub.add_parser("rl"), sub.add_parser("codes"), sub.add_parser("replay")
+    for p in (r, c, rp):                              # all three use a metacontroller that `oracle --save` kept
         p.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
         p.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
     r.add_argument("--task", default=etarl.RLConfig.task)
     r.add_argument("--episodes", type=int, default=etarl.RLConfig.episodes, help="episodes per RL run")
     r.add_argument("--lrs", type=float, nargs="+", default=list(etarl.RLConfig.lrs), help="the lr scan (seed 0)")
     r.add_argument("--seeds", type=int, default=etarl.RLConfig.seeds)
+    r.add_argument("--method", choices=("internal", "raw_action"), default="internal",
+                   help="raw_action: baseline 1, the same RL on the base model's own actions "
+                        "(the metacontroller unused)")
+    rp.add_argument("--tasks", nargs="+", default=["0-1-4-5-0-1", "0-1-2-3", etarl.RLConfig.task])
+    rp.add_argument("--episodes", type=int, default=500, help="episodes per task")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (`controllers.py "
                                                     "scale --save`; rl and codes read it from the oracle JSON)")
-    for p in (o, d, r, c):
+    for p in (o, d, r, c, rp):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    command = {"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes}[args.command]
+    command = {"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes, "replay": replay}[args.command]
     result = {"args": vars(args), **command(args)}
     path = args.out or f"experiments/metacontroller-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
