@@ -43,11 +43,13 @@ diagnostic Factored model); `codes` and `rl` read it from the oracle run's JSON.
       0-1-4-5-0-1, where its episodes grow long as it learns.
 
   python experiments/metacontroller.py replay ORACLE.json [--weights W.pt] [--tasks 0-1-2-3 ...] [--episodes 500]
+                                              [--code-scale 1] [--edit-scale 1]
       are the codes good actions on the layout they were inferred from? The encoder reads the expert's noise-free
       episode of the task on a layout; then the controlled model plays that layout (same seed) in closed loop, and
       at the frozen gate's k-th firing takes the k-th code inferred (an upper bound of sorts for a policy that
       picks codes, such as internal RL's); against the next episode's codes (another layout) and no control.
-      Sampled and greedy actions. About a minute per task on one thread.
+      Sampled and greedy actions; --code-scale and --edit-scale make every replayed code, or the edit it decodes
+      to, that many times stronger. About a minute per task on one thread.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -297,10 +299,12 @@ def codes(args) -> dict:
 
 class CodeReplay:
     """rollout's hook: a frozen metacontroller's gate, whose k-th firing in episode i takes codes[i][k] (the
-    last one if the gate fires more often than the expert's episode switched)."""
+    last one if the gate fires more often than the expert's episode switched), times code_scale; the decoded
+    edit U_t e_t is multiplied by edit_scale."""
 
-    def __init__(self, meta: etarl.Metacontroller, codes: list):
+    def __init__(self, meta: etarl.Metacontroller, codes: list, code_scale: float = 1.0, edit_scale: float = 1.0):
         n, self.meta, self.layer = len(codes), meta, meta.layer
+        self.code_scale, self.edit_scale = code_scale, edit_scale
         self.device = device = next(meta.parameters()).device
         self.codes = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in codes], batch_first=True).to(device)
         self.last = torch.as_tensor([len(c) - 1 for c in codes], device=device)
@@ -319,9 +323,9 @@ class CodeReplay:
     def __call__(self, e: torch.Tensor) -> torch.Tensor:
         fire, self.gate_state = self.meta.gate_step(self.gate_state, e[:, 0], self.obs[self.rows], self.z)
         k = torch.minimum(self.k[self.rows], self.last[self.rows])
-        self.z = torch.where(fire[:, None], self.codes[self.rows, k], self.z)
+        self.z = torch.where(fire[:, None], self.code_scale * self.codes[self.rows, k], self.z)
         self.k[self.rows] += fire.long()
-        return self.meta.decode(self.z[:, None])(e)
+        return self.edit_scale * self.meta.decode(self.z[:, None])(e)
 
 
 def replay(args) -> dict:
@@ -336,7 +340,7 @@ def replay(args) -> dict:
         row = {"switches_inferred": float(fire.sum(1).mean())}
         for name, given in (("same_layout", codes), ("other_layout", codes[1:] + codes[:1])):
             for greedy in (False, True):
-                hook = CodeReplay(meta, given)
+                hook = CodeReplay(meta, given, args.code_scale, args.edit_scale)
                 r = etarl.rollout(model, task, n, seed, hook.at, greedy=greedy)
                 key = f"{name}_{'greedy' if greedy else 'sampled'}"
                 row[key], row[f"{key}_progress"] = float(r["success"].mean()), float(r["progress"].mean())
@@ -467,6 +471,8 @@ if __name__ == "__main__":
                         "(the metacontroller unused)")
     rp.add_argument("--tasks", nargs="+", default=["0-1-4-5-0-1", "0-1-2-3", etarl.RLConfig.task])
     rp.add_argument("--episodes", type=int, default=500, help="episodes per task")
+    rp.add_argument("--code-scale", type=float, default=1.0, help="multiply every replayed code by this")
+    rp.add_argument("--edit-scale", type=float, default=1.0, help="multiply the decoded edit U_t e_t by this")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
