@@ -91,7 +91,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     Raw-action RL finetunes every base-model parameter. "Final success" is the median over seeds of the
     mean batch success over the last quarter of a run; seed 0's run at the chosen lr is one of those
     seeds (it also chose the lr, a small upward bias). Each method's random codes and random actions
-    draw from separate generators.
+    draw from separate generators. The budget matters: on tasks where some episodes succeed, internal RL
+    on the 6,000-step lead learns only over hundreds of thousands of episodes (lab notes, section 5).
 13. CompILE (baseline 4): boundaries follow a discrete hazard model read causally from o_1:t (segment i
     ends at t with probability sigmoid(l_t) given that it has not ended before) instead of CompILE's
     softmax over the whole sequence, so that internal RL can fire its gate where sigmoid(l_t) > 0.5;
