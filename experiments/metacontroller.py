@@ -43,13 +43,16 @@ diagnostic Factored model); `codes` and `rl` read it from the oracle run's JSON.
       0-1-4-5-0-1, where its episodes grow long as it learns.
 
   python experiments/metacontroller.py replay ORACLE.json [--weights W.pt] [--tasks 0-1-2-3 ...] [--episodes 500]
-                                              [--code-scale 1] [--edit-scale 1]
+                                              [--code-scale 1] [--edit-scale 1] [--fit-steps 0]
       are the codes good actions on the layout they were inferred from? The encoder reads the expert's noise-free
       episode of the task on a layout; then the controlled model plays that layout (same seed) in closed loop, and
       at the frozen gate's k-th firing takes the k-th code inferred (an upper bound of sorts for a policy that
       picks codes, such as internal RL's); against the next episode's codes (another layout) and no control.
       Sampled and greedy actions; --code-scale and --edit-scale make every replayed code, or the edit it decodes
-      to, that many times stronger. About a minute per task on one thread.
+      to, that many times stronger. --fit-steps N also replays codes fitted to the expert's actions on the layout
+      (fit_codes: the gate's segmentation held fixed, N Adam steps on the teacher-forced action NLL from the
+      inferred codes): do codes exist that steer better than the ones the encoder infers? About a minute per task
+      on one thread, and about 4 more minutes per task with --fit-steps 200 on 0-1-2-3.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -328,17 +331,46 @@ class CodeReplay:
         return self.edit_scale * self.meta.decode(self.z[:, None])(e)
 
 
+def fit_codes(model, meta, data: etarl.Episodes, fire: np.ndarray, z: np.ndarray, steps: int, lr: float = 0.05):
+    """Each episode's segment codes, with the gate's segmentation of the expert's episode held fixed, started at
+    the encoder's and fitted by Adam to the expert's actions (teacher-forced action NLL, all episodes at once): the
+    codes that best explain what the expert did, whether or not the encoder would infer them. Returns the codes
+    per episode and the NLL before and after."""
+    device, (n, T), K = next(model.parameters()).device, fire.shape, int(fire.sum(1).max())
+    start = np.zeros((n, K, meta.cfg.n_z), np.float32)
+    for i in range(n):
+        start[i, :fire[i].sum()] = z[i][fire[i]]
+    segment = torch.as_tensor(np.clip(np.cumsum(fire, 1) - 1, 0, K - 1), device=device)[..., None]   # (n, T, 1)
+    Z, b = torch.nn.Parameter(torch.tensor(start, device=device)), data.batch(np.arange(n), device)
+    opt, nll = torch.optim.Adam([Z], lr=lr), []
+    for step in range(steps + 1):
+        loss = model.loss(b, meta.decode(Z.gather(1, segment.expand(-1, -1, Z.shape[-1]))), obs_loss=False)
+        nll.append(loss["action_nll"].item())
+        if step < steps:
+            opt.zero_grad(set_to_none=True)
+            loss["action_nll"].backward()
+            opt.step()
+    return [Z.detach()[i, :fire[i].sum()].cpu().numpy() for i in range(n)], nll[0], nll[-1]
+
+
 def replay(args) -> dict:
-    """The codes inferred from the expert's episode on a layout, played back on that layout and on another one."""
+    """The codes inferred from the expert's episode on a layout (and, with --fit-steps, codes fitted to it),
+    played back on that layout and on another one."""
     _, model, _, meta = load_saved(args.oracle_json, args.weights)
-    result, seed, n = {}, 10**8, args.episodes
+    meta, result, seed, n = etarl.freeze(meta), {}, 10**8, args.episodes
     for text in args.tasks:
         task = envs.parse_task(text)
-        out = etarl.meta_outputs(model, meta, etarl.generate_episodes(n, seed, task=task))
+        data = etarl.generate_episodes(n, seed, task=task)
+        out = etarl.meta_outputs(model, meta, data)
         fire = (out["beta"] > 0.5) & out["mask"]
-        codes = [z[f] for z, f in zip(out["z"], fire)]                 # the k-th switch's code, in order
+        codes = {"same_layout": [z[f] for z, f in zip(out["z"], fire)]}       # the k-th switch's code, in order
         row = {"switches_inferred": float(fire.sum(1).mean())}
-        for name, given in (("same_layout", codes), ("other_layout", codes[1:] + codes[:1])):
+        if args.fit_steps:
+            codes["fitted_same_layout"], row["nll_inferred"], row["nll_fitted"] = fit_codes(
+                model, meta, data, fire, out["z"], args.fit_steps)
+        for name in list(codes):
+            codes[name.replace("same", "other")] = codes[name][1:] + codes[name][:1]       # the next episode's
+        for name, given in codes.items():
             for greedy in (False, True):
                 hook = CodeReplay(meta, given, args.code_scale, args.edit_scale)
                 r = etarl.rollout(model, task, n, seed, hook.at, greedy=greedy)
@@ -473,6 +505,8 @@ if __name__ == "__main__":
     rp.add_argument("--episodes", type=int, default=500, help="episodes per task")
     rp.add_argument("--code-scale", type=float, default=1.0, help="multiply every replayed code by this")
     rp.add_argument("--edit-scale", type=float, default=1.0, help="multiply the decoded edit U_t e_t by this")
+    rp.add_argument("--fit-steps", type=int, default=0,
+                    help="also replay codes fitted to the expert's actions by this many Adam steps (fit_codes)")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
