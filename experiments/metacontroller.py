@@ -46,8 +46,8 @@ diagnostic Factored model); `codes` and `rl` read it from the oracle run's JSON.
                                               [--code-scale 1] [--edit-scale 1] [--fit-steps 0]
       are the codes good actions on the layout they were inferred from? The encoder reads the expert's noise-free
       episode of the task on a layout; then the controlled model plays that layout (same seed) in closed loop, and
-      at the frozen gate's k-th firing takes the k-th code inferred (an upper bound of sorts for a policy that
-      picks codes, such as internal RL's); against the next episode's codes (another layout) and no control.
+      at the frozen gate's k-th firing takes the k-th code inferred (a reference point, not a bound, for a policy
+      that picks codes, such as internal RL's); against the next episode's codes (another layout) and no control.
       Sampled and greedy actions; --code-scale and --edit-scale make every replayed code, or the edit it decodes
       to, that many times stronger. --fit-steps N also replays codes fitted to the expert's actions on the layout
       (fit_codes: the gate's segmentation held fixed, N Adam steps on the teacher-forced action NLL from the
