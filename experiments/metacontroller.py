@@ -3,10 +3,10 @@ behind the lab notes (experiments/README.md, section 3).
 
 Every command runs on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), prints one line per
 measurement and writes a JSON file. `oracle` and `decoder` can hand the truth (subgoal labels, boundaries, the
-task) to parts of the metacontroller, which the method itself never sees, to find out which part fails; `codes`
-and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained. `oracle` and
+task) to parts of the metacontroller, which the method itself never sees, to find out which part fails; `codes`,
+`replay` and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained. `oracle` and
 `decoder` take another base model with --base FILE (one saved by `controllers.py scale --save`, such as its
-diagnostic Factored model); `codes` and `rl` read it from the oracle run's JSON.
+diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle run's JSON.
 
   python experiments/metacontroller.py oracle [--gate oracle] [--code-input subgoal|boundary|task]
                                               [--alpha 0.1] [--steps 1500] [--kl-delay 0] [--logvar-bias 0]
@@ -511,7 +511,7 @@ if __name__ == "__main__":
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (`controllers.py "
-                                                    "scale --save`; rl and codes read it from the oracle JSON)")
+                                                    "scale --save`; rl, codes and replay read it from the oracle JSON)")
     for p in (o, d, r, c, rp):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
