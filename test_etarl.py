@@ -1,6 +1,7 @@
 """ETARL's tests, each named and docstringed by the property it checks: reference equivalence (vector
 env = single env, cached = full forward, low-rank edit = e + U e), contracts (gymnasium's checker, seeds,
 clear errors) and small runs that assert learning happened. `pytest` runs them all in a few minutes."""
+import dataclasses
 import json
 from collections import deque
 from pathlib import Path
@@ -622,6 +623,25 @@ def test_tiny_pipeline_writes_its_artefacts_and_resumes(tmp_path):
         assert "meta_f1" not in results
         with pytest.raises(RuntimeError, match="quality gate"):
             run.metacontroller()
+
+
+def test_pipeline_metacontroller_uses_the_remedies_and_its_baselines_eq3(tmp_path, monkeypatch):
+    """The cpu and tiny presets train their own metacontroller with the remedies that make it switch at the
+    subgoal boundaries (the KL paid per switch, binary switches: deviation 7), and the forced-switch and
+    co-trained baselines by the paper's Eq. 3, with every remedy at MetaConfig's default."""
+    plain = etarl.MetaConfig()
+    for name in ("cpu", "tiny"):
+        cfg = etarl.get_preset(name)
+        assert cfg.meta.kl_per_switch and cfg.meta.gumbel_switch and cfg.meta.read_norm
+        assert all(getattr(cfg.meta_eq3, k) == getattr(plain, k) for k in etarl.ALIGNED), name
+    trained, train = [], etarl.train_metacontroller
+    monkeypatch.setattr(etarl, "train_metacontroller", lambda *a, **k: trained.append(a[2]) or train(*a, **k))
+    run = etarl.Run("tiny", out=str(tmp_path), progress=False)
+    run.metacontroller(force=True), run.meta_forced(), run.co_trained()
+    main, forced, co = trained
+    assert main == run.cfg.meta
+    assert forced == dataclasses.replace(run.cfg.meta_eq3, force_switch=True)
+    assert co == dataclasses.replace(run.cfg.meta_eq3, co_train=True, steps=run.cfg.sweep.co_train_steps)
 
 
 # ==================================================================================================

@@ -189,7 +189,7 @@ def oracle(args) -> dict:
 
 def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
     """The MetaConfig of an `oracle` run from its arguments (args of this run, or the "args" of its JSON)."""
-    return dataclasses.replace(run.cfg.meta, **{"alpha": args["alpha"], "steps": args["steps"],
+    return dataclasses.replace(run.meta_eq3, **{"alpha": args["alpha"], "steps": args["steps"],
                                                 "kl_delay": args["kl_delay"], "per_step_embedding": args["per_step_embedding"],
                                                 "logvar_init": args["logvar_bias"], **dict(args["set"])})
 
@@ -425,7 +425,7 @@ def decoder(args) -> dict:
     model, (train, test) = base_model(run, args.base), run.data()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    cfg = run.cfg.meta if args.code == "subgoal" else dataclasses.replace(run.cfg.meta, n_z=train.grid_size ** 2)
+    cfg = run.meta_eq3 if args.code == "subgoal" else dataclasses.replace(run.meta_eq3, n_z=train.grid_size ** 2)
     meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg)
     control = lambda data: lambda b, idx: meta.decode(true_code(args.code, data, b, idx, cfg.n_z))   # noise-free
     opt = torch.optim.AdamW(meta.hyper.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
