@@ -63,9 +63,11 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     batches of 256, the gate switches at the subgoal boundaries after 3,000 steps on 2 of 6 seeds (F1 0.95
     and 0.94; on a CPU 1 of 3, F1 0.97), and after 6,000 steps on both seeds tried (F1 1.00, quasi-binary
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
-    and tiny presets train their metacontroller with all of these (ALIGNED; cpu: 5,000 steps x 256, the most
-    that keeps `python etarl.py` under an hour); Fig. 7's sweep and the forced-switch and co-trained baselines
-    train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant presets keep Eq. 3.
+    and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
+    kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
+    keep `python etarl.py` near an hour: 63.9 minutes measured); Fig. 7's sweep and the forced-switch and
+    co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant
+    presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
@@ -326,8 +328,9 @@ class Preset:
                                          # and co-trained baselines (None: they train like `meta`)
 
 
-# Five off-by-default remedies for Eq. 3's posterior collapse, the KL paid per switch (NOT Eq. 3) and binary
-# switches: with batches of 256 they make the metacontroller switch at the subgoal boundaries (deviation 7)
+# Four off-by-default remedies for Eq. 3's posterior collapse (the KL held off, then warmed up; a precise posterior
+# at first; a normalised read of the stream), the KL paid per switch (NOT Eq. 3) and binary switches: with batches
+# of 256 they make the metacontroller switch at the subgoal boundaries (deviation 7)
 ALIGNED = dict(kl_delay=500, kl_warmup=500, logvar_init=-6.0, read_norm=True, kl_per_switch=True,
                gumbel_switch=True, switch_temperature=0.5)
 
@@ -1510,11 +1513,14 @@ def kl_weight(step: int, cfg: MetaConfig) -> float:
 
 
 def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed: int = 0,
-                         progress: bool = True, meta: Metacontroller | None = None) -> tuple[Metacontroller, dict]:
+                         progress: bool = True, meta: Metacontroller | None = None,
+                         callback=None) -> tuple[Metacontroller, dict]:
     """Fit the metacontroller on expert data by Eq. (3). Only its parameters train, unless cfg.co_train,
     in which case the base model's train too (pass a freshly initialised model for App. C.4.2).
     A given `meta` (one loaded from disk, or a variant built elsewhere) trains on instead of a fresh one: `cfg`
-    sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss (free bits)."""
+    sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss (free bits).
+    callback(steps_done, meta), if given, runs after every step (to evaluate along the way: it may switch meta
+    to eval mode, and must switch it back)."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -1547,6 +1553,8 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
             history[k].append(v.item())
         bar.set_postfix(nll=f"{history['action_nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.2f}",
                         switches=f"{history['switch_rate'][-1]:.2f}")
+        if callback is not None:
+            callback(step + 1, meta)
         if cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s:
             break
     if cfg.co_train:

@@ -628,7 +628,7 @@ def test_tiny_pipeline_writes_its_artefacts_and_resumes(tmp_path):
 def test_pipeline_metacontroller_uses_the_remedies_and_its_baselines_eq3(tmp_path, monkeypatch):
     """The cpu and tiny presets train their own metacontroller with the remedies that make it switch at the
     subgoal boundaries (the KL paid per switch, binary switches: deviation 7), and the forced-switch and
-    co-trained baselines by the paper's Eq. 3, with every remedy at MetaConfig's default."""
+    co-trained baselines and Fig. 7's sweep by the paper's Eq. 3, with every remedy at MetaConfig's default."""
     plain = etarl.MetaConfig()
     for name in ("cpu", "tiny"):
         cfg = etarl.get_preset(name)
@@ -637,11 +637,14 @@ def test_pipeline_metacontroller_uses_the_remedies_and_its_baselines_eq3(tmp_pat
     trained, train = [], etarl.train_metacontroller
     monkeypatch.setattr(etarl, "train_metacontroller", lambda *a, **k: trained.append(a[2]) or train(*a, **k))
     run = etarl.Run("tiny", out=str(tmp_path), progress=False)
-    run.metacontroller(force=True), run.meta_forced(), run.co_trained()
-    main, forced, co = trained
+    run.metacontroller(force=True), run.meta_forced(), run.co_trained(), run.rate_distortion(force=True)
+    main, forced, co, *sweep = trained
     assert main == run.cfg.meta
     assert forced == dataclasses.replace(run.cfg.meta_eq3, force_switch=True)
     assert co == dataclasses.replace(run.cfg.meta_eq3, co_train=True, steps=run.cfg.sweep.co_train_steps)
+    varied = dict(alpha=0.0, co_train=False, steps=0)                # the only fields a sweep point sets
+    assert len(sweep) == 4 and all(dataclasses.replace(c, **varied) == dataclasses.replace(run.cfg.meta_eq3, **varied)
+                                   for c in sweep)
 
 
 # ==================================================================================================
@@ -686,7 +689,7 @@ def test_rate_distortion_sweep_resumes_from_its_finished_points(data, tmp_path, 
     """A sweep killed during its last point trains only that point again: the finished ones come from the
     points file unchanged, and the rows come back in sweep order."""
     model, cfg, path = etarl.freeze(_model()), etarl.get_preset("tiny"), tmp_path / "points.json"
-    sweep = lambda: etarl.rate_distortion(model, model.cfg, data[0], data[1], cfg.meta, cfg.sweep, False, path)
+    sweep = lambda: etarl.rate_distortion(model, model.cfg, data[0], data[1], cfg.meta_eq3, cfg.sweep, False, path)
     rows = sweep()
     assert [(r["base"], r["alpha"]) for r in rows] == [("frozen", 0.0), ("frozen", 1.0), ("co-trained", 0.0),
                                                        ("co-trained", 1.0)]
@@ -847,6 +850,25 @@ def test_a_given_metacontroller_trains_on(data, tmp_path):
     meta, history = etarl.train_metacontroller(model, data[0], cfg, progress=False, meta=given)
     assert meta is given and len(history["loss"]) == 3
     assert any(not torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+
+
+def test_evaluating_along_the_way_does_not_change_metacontroller_training(data):
+    """train_metacontroller's callback runs after every step; evaluating the metacontroller there (eval mode, a
+    held-out pass) leaves the trained weights exactly as without it (experiments/metacontroller.py curve)."""
+    model = etarl.freeze(_model())
+    cfg = etarl.MetaConfig(steps=4, batch_size=8, **{**etarl.ALIGNED, "kl_delay": 1, "kl_warmup": 1})
+    plain, _ = etarl.train_metacontroller(model, data[0], cfg, progress=False)
+    seen = []
+
+    def evaluate(step, meta):
+        seen.append(step)
+        etarl.meta_outputs(model, meta.eval(), data[1].subset(np.arange(8)))
+        meta.train()
+
+    watched, _ = etarl.train_metacontroller(model, data[0], cfg, progress=False, callback=evaluate)
+    assert seen == [1, 2, 3, 4]
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_zero_decoder_leaves_the_base_model_unchanged(data):

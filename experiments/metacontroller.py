@@ -11,7 +11,7 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
   python experiments/metacontroller.py oracle [--gate oracle] [--code-input subgoal|boundary|task]
                                               [--alpha 0.1] [--steps 1500] [--kl-delay 0] [--logvar-bias 0]
                                               [--code gaussian|categorical]
-      the cpu preset's metacontroller training (Eq. 3, frozen base model), with parts replaced by the truth:
+      the cpu preset's Eq. 3 metacontroller training (Preset.meta_eq3, frozen base model), with parts replaced by the truth:
       --gate oracle takes a new code exactly at the true subgoal boundaries (beta = 1 there and at t = 0,
       0 elsewhere); --code-input replaces the learned sequence embedding s that the encoder reads by the
       current subgoal (one-hot, every step), the new subgoal at the boundaries only (zeros elsewhere), or
@@ -53,6 +53,12 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       (fit_codes: the gate's segmentation held fixed, N Adam steps on the teacher-forced action NLL from the
       inferred codes): do codes exist that steer better than the ones the encoder infers? About a minute per task
       on one thread, and about 4 more minutes per task with --fit-steps 200 on 0-1-2-3.
+
+  python experiments/metacontroller.py curve [--steps 0] [--every 500] [--episodes 500] [--seed 0] [--threads 1]
+      the pipeline's own metacontroller (`python etarl.py`'s: the cpu preset's MetaConfig, seeded the same way) on
+      the cpu run's base model, with switch F1, switches per episode, quasi-binary beta, purity, NLL and KL on the
+      first --episodes held-out episodes every --every steps. With --threads 2 (the pipeline's, on this machine) it
+      trains exactly the pipeline's metacontroller. About 0.3 s per step on two threads.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
@@ -185,6 +191,28 @@ def oracle(args) -> dict:
     if args.save:                                     # the Oracle's own state_dict (rebuild it with the same options)
         torch.save(meta.state_dict(), args.save)
     return out
+
+
+def pipeline_curve(args) -> dict:
+    """The pipeline's own metacontroller (Run.metacontroller's training: the preset's MetaConfig, seeded the same
+    way) on the cpu run's base model, with its switching statistics on the first --episodes held-out episodes
+    every --every steps. Evaluating does not change the training (a test checks this)."""
+    run = etarl.Run("cpu", progress=False)
+    model, test = etarl.freeze(run.base_model()[0]), run.data()[1]
+    held_out, rows, t = test.subset(np.arange(args.episodes)), [], time.time()
+    keys = ("f1", "precision", "recall", "switches_per_episode", "quasi_binary", "code_purity", "action_nll", "kl",
+            "regime")
+
+    def evaluate(step, meta):
+        if step % args.every == 0 or step == cfg.steps:
+            stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta.eval(), held_out))
+            meta.train()
+            rows.append({"step": step, "seconds": round(time.time() - t), **{k: stats[k] for k in keys}})
+            print(json.dumps(rows[-1]), flush=True)
+
+    cfg = dataclasses.replace(run.cfg.meta, steps=args.steps or run.cfg.meta.steps)
+    etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, callback=evaluate)
+    return {"curve": rows}
 
 
 def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
@@ -485,6 +513,10 @@ if __name__ == "__main__":
                    help="categorical: z~ is one of n_z one-hot codes (CategoricalCode; not the paper's)")
     o.add_argument("--set", type=meta_field, action="append", default=[], metavar="FIELD=VALUE",
                    help="any other MetaConfig field, e.g. --set gumbel_switch=true --set kl_warmup=500")
+    cv = sub.add_parser("curve")
+    cv.add_argument("--steps", type=int, default=0, help="training steps (default: the preset's)")
+    cv.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
+    cv.add_argument("--episodes", type=int, default=500, help="held-out episodes per evaluation")
     d = sub.add_parser("decoder")
     d.add_argument("--steps", type=int, default=1500)
     d.add_argument("--lr", type=float, default=1e-3)
@@ -508,16 +540,18 @@ if __name__ == "__main__":
     rp.add_argument("--fit-steps", type=int, default=0,
                     help="also replay codes fitted to the expert's actions by this many Adam steps (fit_codes)")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
+    cv.add_argument("--seed", type=int, default=0, help="the metacontroller's seed (the base model is seed 0's)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (`controllers.py "
                                                     "scale --save`; rl, codes and replay read it from the oracle JSON)")
-    for p in (o, d, r, c, rp):
+    for p in (o, d, r, c, rp, cv):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    command = {"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes, "replay": replay}[args.command]
+    command = {"oracle": oracle, "decoder": decoder, "rl": internal_rl, "codes": codes, "replay": replay,
+               "curve": pipeline_curve}[args.command]
     result = {"args": vars(args), **command(args)}
     path = args.out or f"experiments/metacontroller-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))

@@ -18,7 +18,7 @@ sweep's evaluation; controllers trained for 50 steps, which is enough to steer) 
 (one RL batch, with the run's metacontroller and an untrained policy). Best of three calls each.
 
 `metacontroller` times etarl.train_metacontroller on the cpu run's base model and training episodes, on one
-thread: the preset's config (batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
+thread: Eq. 3's config (MetaConfig(), batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
 with read_norm, Gumbel switches and the KL paid per switch), 40 and 12 steps. With a git revision REV (say
 540ba8c, before the low-rank edit mixed shared banks and the switching unit's e, h part was computed for all
 steps at once) it loads that revision's etarl.py too and times the two in turn, twice each.
@@ -177,12 +177,12 @@ def metacontroller(rev: str | None = None) -> dict:
     lead = dict(read_norm=True, gumbel_switch=True, kl_per_switch=True, switch_temperature=0.5, batch_size=256,
                 logvar_init=-6.0)
     result = {}
-    for name, over, steps in (("preset, batch 64", {}, 40), ("lead, batch 256", lead, 12)):
+    for name, over, steps in (("Eq. 3, batch 64", {}, 40), ("lead, batch 256", lead, 12)):
         for _ in range(2):
             for version, E in versions.items():
                 model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
                 train = E.Episodes.load("runs/grid-cpu-s0/train.npz")
-                cfg = dataclasses.replace(E.get_preset("cpu").meta, steps=steps, **over)
+                cfg = dataclasses.replace(E.MetaConfig(), steps=steps, **over)         # Eq. 3's, batch 64
                 start = time.time()
                 E.train_metacontroller(model, train, cfg, seed=0, progress=False)
                 s = (time.time() - start) / steps
