@@ -328,27 +328,20 @@ def codes(args) -> dict:
     return result
 
 
-class CodeReplay:
-    """rollout's hook: a frozen metacontroller's gate, whose k-th firing in episode i takes codes[i][k] (the
-    last one if the gate fires more often than the expert's episode switched), times code_scale; the decoded
-    edit U_t e_t is multiplied by edit_scale."""
+class CodeReplay(etarl.InternalAgent):
+    """Internal RL's hook with the policy replaced by a list: the frozen gate's k-th firing in episode i takes
+    codes[i][k] (the last one if the gate fires more often than the expert's episode switched), times code_scale;
+    the decoded edit U_t e_t is multiplied by edit_scale. `at` and `keep_episodes` are InternalAgent's."""
 
     def __init__(self, meta: etarl.Metacontroller, codes: list, code_scale: float = 1.0, edit_scale: float = 1.0):
         n, self.meta, self.layer = len(codes), meta, meta.layer
         self.code_scale, self.edit_scale = code_scale, edit_scale
-        self.device = device = next(meta.parameters()).device
+        device = next(meta.parameters()).device
         self.codes = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c) for c in codes], batch_first=True).to(device)
         self.last = torch.as_tensor([len(c) - 1 for c in codes], device=device)
         self.rows, self.k = torch.arange(n, device=device), torch.zeros(n, dtype=torch.long, device=device)
-        self.z, self.gate_state, self.obs = torch.zeros(n, meta.cfg.n_z, device=device), None, None
-
-    def at(self, env) -> "CodeReplay":
-        self.obs = torch.as_tensor(env.observation, device=self.device)
-        return self
-
-    def keep_episodes(self, keep: torch.Tensor) -> None:
-        self.rows, self.z = self.rows[keep], self.z[keep]
-        self.gate_state = None if self.gate_state is None else self.gate_state[:, keep]
+        self.z = torch.zeros(n, meta.cfg.n_z, device=device)
+        self.gate_state, self.state, self.obs = None, None, None        # no policy, so its state stays None
 
     @torch.no_grad()
     def __call__(self, e: torch.Tensor) -> torch.Tensor:
