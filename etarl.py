@@ -262,6 +262,8 @@ class MetaConfig:
     logvar_init: float | None = None  # start the encoder's log-variance biases here (None: PyTorch's default init)
     kl_per_switch: bool = False  # weight each step's KL penalty by its beta (NOT Eq. 3, whose KL is unweighted)
     switch_temperature: float = 1.0
+    cache_stream: bool = False  # train on a StreamCache: the frozen base model's blocks below the controlled layer
+                                # run once per episode, not once per draw (faster; float32 D per step of data)
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
     co_train: bool = False      # train the base model jointly (App. C.4.2)
     time_budget_s: float | None = None   # stop early after this many seconds
@@ -342,7 +344,7 @@ PRESETS = {
         pretrain=PretrainConfig(steps=60, batch_size=32, lr=3e-3, warmup=10, eval_every=30),
         probe=ProbeConfig(max_iter=50),
         control=ControlConfig(rank=4, steps=30, batch_size=32, eval_episodes=64),
-        meta=MetaConfig(rank=4, steps=30, batch_size=16, injection_episodes=32,
+        meta=MetaConfig(rank=4, steps=30, batch_size=16, injection_episodes=32, cache_stream=True,
                         **{**ALIGNED, "kl_delay": 10, "kl_warmup": 10}),
         meta_eq3=MetaConfig(rank=4, steps=30, batch_size=16),
         sweep=SweepConfig(alphas=(0.0, 1.0), seeds=1, steps=10, co_train_steps=10),
@@ -350,7 +352,7 @@ PRESETS = {
         rl=RLConfig(episodes=64, batch_episodes=32, lrs=(1e-3,), seeds=2, hidden=16, base_episodes=256),
     ),
     # the default: the paper's findings from scratch on 2 CPU cores
-    "cpu": Preset(meta=MetaConfig(steps=5_000, batch_size=256, **ALIGNED), meta_eq3=MetaConfig()),
+    "cpu": Preset(meta=MetaConfig(steps=5_000, batch_size=256, cache_stream=True, **ALIGNED), meta_eq3=MetaConfig()),
     # the paper's sizes (App. D.1, Tables A3-A8), for a GPU
     "paper": Preset(
         data=DataConfig(n_train=2_000_000, n_eval=4_000),
@@ -475,13 +477,13 @@ class Episodes(_EpisodeArrays):
         return grid_observation_torch(*(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.long, device=device)
                                         for x in (agent, colours, walls)), self.grid_size)
 
-    def batch(self, idx, device) -> dict:
-        """Tensors for a batch, cut to its longest episode (deviation 5)."""
+    def batch(self, idx, device, obs: bool = True) -> dict:
+        """Tensors for a batch, cut to its longest episode (deviation 5); obs=False leaves out the observations."""
         idx = np.sort(np.asarray(idx))
         T = int(self.lengths[idx].max())
         as_t = lambda x, dt: torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=device)
         return {
-            "obs": self.observations(idx, T, device),                     # (B, T+1, O)
+            **({"obs": self.observations(idx, T, device)} if obs else {}),   # (B, T+1, O)
             "actions": as_t(self.actions[idx, :T], torch.long),           # (B, T)
             "mask": as_t(np.arange(T) < self.lengths[idx, None], torch.bool),
             "subgoal": as_t(self.subgoal[idx, :T], torch.long),
@@ -553,12 +555,13 @@ class AntEpisodes(_EpisodeArrays):
     success: np.ndarray         # (N,) bool: did the expert complete the task
     task_id: np.ndarray         # (N,) index into envs.ANT_PRETRAIN_TASKS (-1: another task)
 
-    def batch(self, idx, device) -> dict:
+    def batch(self, idx, device, obs: bool = True) -> dict:
         idx = np.sort(np.asarray(idx))
         T = int(self.lengths[idx].max())
         as_t = lambda x, dt: torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=device)
         subgoal = as_t(self.subgoal[idx, :T], torch.long)
-        return {"obs": as_t(self.obs[idx, :T + 1], torch.float32), "actions": as_t(self.actions[idx, :T], torch.float32),
+        return {**({"obs": as_t(self.obs[idx, :T + 1], torch.float32)} if obs else {}),
+                "actions": as_t(self.actions[idx, :T], torch.float32),
                 "mask": as_t(np.arange(T) < self.lengths[idx, None], torch.bool), "subgoal": subgoal, "target": subgoal}
 
 
@@ -887,19 +890,31 @@ class BaseModel(nn.Module):
         self.action_head = heads[cfg.head](cfg.d_model, n_actions)
         self.obs_head = nn.Linear(cfg.d_model, obs_dim)
 
-    def forward(self, obs, control=None, return_residuals=False, cache=None, start=0):
+    def forward(self, obs, control=None, return_residuals=False, cache=None, start=0, from_layer=0):
         """obs (B, T, O) at time steps start .. start+T-1. Returns a dict with action logits (B, T, A),
-        the final normed stream h (B, T, D), and the residual list [(B, T, D)] * (L+1) if asked."""
+        the final normed stream h (B, T, D), and the residual list [(B, T, D)] * (L+1) if asked.
+        With from_layer = l > 0, obs is instead the residual stream before block l (B, T, D), as `stream` gives
+        it, and only blocks l.. run (the residual list then starts at layer l)."""
         B, T, _ = obs.shape
         pos = torch.arange(start, start + T, device=obs.device)
-        e = self.encoder(obs)                                         # (B, T, D)
+        e = self.encoder(obs) if from_layer == 0 else obs             # (B, T, D)
         residuals = [e]
-        for l, block in enumerate(self.blocks):
+        for l, block in enumerate(self.blocks[from_layer:], from_layer):
             if control is not None and control.layer == l:
                 e = e + control(e)                                    # Eq. (1): e <- e + U e
             e = block(e, pos, None if cache is None else cache[l])
             residuals.append(e)
         return self.readout(e, residuals if return_residuals else None)
+
+    @torch.no_grad()
+    def stream(self, obs: torch.Tensor, layer: int) -> torch.Tensor:
+        """The uncontrolled residual stream before block `layer` (B, T, D) for whole sequences obs (B, T, O):
+        what forward computes below a controller at `layer`, which no controller there can change."""
+        pos = torch.arange(obs.shape[1], device=obs.device)
+        e = self.encoder(obs)
+        for block in self.blocks[:layer]:
+            e = block(e, pos)
+        return e
 
     def readout(self, e: torch.Tensor, residuals: list | None = None) -> dict:
         """forward's output from the last block's stream e: the final norm h and the action logits."""
@@ -927,8 +942,11 @@ class BaseModel(nn.Module):
         (obs_loss=False skips the observation term, for stages that train only a controller). With
         shortest=True (grid only) the action term is -ln p(any shortest-path move), the expert's label of the
         state, whichever move was taken there (deviation 21, an option: data with random moves)."""
-        obs, actions, mask = batch["obs"], batch["actions"], batch["mask"]
-        out = self(obs[:, :-1], control)
+        obs, actions, mask = batch.get("obs"), batch["actions"], batch["mask"]
+        if "stream" in batch:                                         # a StreamCache's batch: the blocks from its layer
+            out = self(batch["stream"], control, from_layer=batch["layer"])
+        else:
+            out = self(obs[:, :-1], control)
         m = mask.float()
         if shortest:
             scored = (mask & batch["optimal"].any(-1)).float()
@@ -1512,6 +1530,38 @@ def kl_weight(step: int, cfg: MetaConfig) -> float:
     return cfg.alpha * min(1.0, step / cfg.kl_warmup) if cfg.kl_warmup else cfg.alpha
 
 
+class StreamCache:
+    """A frozen base model's residual stream before block `layer` on every step of `data`, computed once, behind
+    the episodes' `batch` interface: its batches carry the stream (B, T, D) in place of the observations, so that
+    BaseModel.loss runs only the blocks from `layer` on, with the whole model's result up to float rounding (a
+    test checks it). Worth it when training draws each episode several times: the cpu preset's metacontroller
+    draws 1.28M episodes from 200k. It holds sum(lengths) x D floats (3.2 GB there) and goes stale if the base
+    model changes, so it serves frozen models only."""
+
+    def __init__(self, model: BaseModel, data, layer: int, batch_size: int = 256):
+        self.data, self.layer, self.lengths = data, layer, data.lengths
+        device = next(model.parameters()).device
+        self.start = np.concatenate([[0], np.cumsum(data.lengths)])   # episode i's rows: start[i] .. start[i+1]-1
+        self.flat = torch.zeros(int(self.start[-1]) + 1, model.cfg.d_model, device=device)   # last row: padding
+        for idx in np.array_split(np.argsort(data.lengths, kind="stable"), max(1, len(data) // batch_size)):
+            b = data.batch(idx, device)                               # idx in increasing order, as batch sorts them
+            rows = torch.as_tensor(self.rows(np.sort(idx), b["mask"].shape[1]), device=device)
+            self.flat[rows[b["mask"]]] = model.stream(b["obs"][:, :-1], layer)[b["mask"]]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, idx: np.ndarray, T: int) -> np.ndarray:
+        """(B, T) row of each step of episodes idx in `flat`; the zero padding row past an episode's end."""
+        t = np.arange(T)
+        return np.where(t < self.lengths[idx, None], self.start[idx, None] + t, len(self.flat) - 1)
+
+    def batch(self, idx, device) -> dict:
+        b = self.data.batch(idx, device, obs=False)
+        rows = torch.as_tensor(self.rows(np.sort(np.asarray(idx)), b["mask"].shape[1]), device=self.flat.device)
+        return {**b, "stream": self.flat[rows].to(device), "layer": self.layer}
+
+
 def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed: int = 0,
                          progress: bool = True, meta: Metacontroller | None = None,
                          callback=None) -> tuple[Metacontroller, dict]:
@@ -1535,6 +1585,10 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
     else:
         freeze(model)
         params = list(meta.parameters())
+    if cfg.cache_stream:
+        if cfg.co_train:
+            raise ValueError("MetaConfig(cache_stream=True) needs a frozen base model, but co_train trains it")
+        data = StreamCache(model, data, meta.layer)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     by_length = np.argsort(data.lengths, kind="stable")
     history = {k: [] for k in ("loss", "action_nll", "kl", "switch_rate")}

@@ -871,6 +871,41 @@ def test_evaluating_along_the_way_does_not_change_metacontroller_training(data):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mixer", ["attention", "hawk"])
+def test_stream_cache_batches_give_the_whole_models_loss(data, mixer):
+    """A StreamCache holds each episode's uncontrolled stream before block l exactly where forward computes it
+    (padding: zeros), and its batches, run through blocks l.. only, give the whole model's controlled loss."""
+    model = etarl.freeze(_model(mixer=mixer))
+    meta, idx = _meta(model), np.array([5, 17, 3, 250, 42])
+    cache = etarl.StreamCache(model, data[0], meta.layer, batch_size=64)
+    full, cached = data[0].batch(idx, "cpu"), cache.batch(idx, "cpu")
+    assert "obs" not in cached and cached["layer"] == meta.layer == 1
+    expected = model(full["obs"][:, :-1], return_residuals=True)["residuals"][meta.layer] * full["mask"][..., None]
+    torch.testing.assert_close(cached["stream"], expected, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    a = etarl.meta_loss(model, meta, full, alpha=0.1)
+    torch.manual_seed(0)
+    b = etarl.meta_loss(model, meta, cached, alpha=0.1)
+    for k in ("loss", "action_nll", "kl"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def test_metacontroller_trains_alike_on_the_stream_cache(data):
+    """MetaConfig(cache_stream=True) changes the speed, not the training: the same draws and the same steps, so
+    the same losses and weights up to float rounding; and it refuses a base model that trains (co_train)."""
+    model = etarl.freeze(_model())
+    cfg = etarl.MetaConfig(steps=5, batch_size=16, **{**etarl.ALIGNED, "kl_delay": 1, "kl_warmup": 2})
+    plain, plain_history = etarl.train_metacontroller(model, data[0], cfg, progress=False)
+    cached, cached_history = etarl.train_metacontroller(model, data[0], dataclasses.replace(cfg, cache_stream=True),
+                                                        progress=False)
+    np.testing.assert_allclose(cached_history["loss"], plain_history["loss"], rtol=1e-4)
+    for a, b in zip(plain.parameters(), cached.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cache_stream=True.*frozen base model"):
+        etarl.train_metacontroller(_model(), data[0], dataclasses.replace(cfg, cache_stream=True, co_train=True),
+                                   progress=False)
+
+
 def test_zero_decoder_leaves_the_base_model_unchanged(data):
     """With f_hyp's output layer at zero (U = 0), the controlled model is exactly the base model."""
     model, batch = _model(), data[0].batch(np.arange(4), "cpu")

@@ -21,7 +21,9 @@ sweep's evaluation; controllers trained for 50 steps, which is enough to steer) 
 thread: Eq. 3's config (MetaConfig(), batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
 with read_norm, Gumbel switches and the KL paid per switch), 40 and 12 steps. With a git revision REV (say
 540ba8c, before the low-rank edit mixed shared banks and the switching unit's e, h part was computed for all
-steps at once) it loads that revision's etarl.py too and times the two in turn, twice each.
+steps at once) it loads that revision's etarl.py too and times the two in turn, twice each. Then, as the cpu preset
+trains (MetaConfig(cache_stream=True)): the StreamCache of the whole training set (its build time) and the lead's
+steps on it.
 """
 import dataclasses
 import importlib.util
@@ -189,6 +191,18 @@ def metacontroller(rev: str | None = None) -> dict:
                 key = f"{name}, {version} s/step"
                 result[key] = min(result.get(key, s), s)
                 print(f"{name}, {version}: {s:.3f} s/step", flush=True)
+    model = etarl.freeze(etarl.load_model("runs/grid-cpu-s0/base.pt"))
+    train = etarl.Episodes.load("runs/grid-cpu-s0/train.npz")
+    build, step = "stream cache build s", "lead, batch 256, on the stream cache s/step"
+    for _ in range(2):                                 # the cpu preset's way: the lead on a StreamCache
+        start = time.time()
+        cache = etarl.StreamCache(model, train, len(model.blocks) // 2)
+        result[build] = min(result.get(build, np.inf), time.time() - start)
+        start = time.time()
+        etarl.train_metacontroller(model, cache, dataclasses.replace(etarl.MetaConfig(), steps=12, **lead),
+                                   progress=False)
+        result[step] = min(result.get(step, np.inf), (time.time() - start) / 12)
+        print(f"{step}: {result[step]:.3f}", flush=True)
     return result
 
 
