@@ -65,7 +65,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
     and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
-    keep `python etarl.py` near an hour: 63.9 minutes measured); Fig. 7's sweep and the forced-switch and
+    keep `python etarl.py` near an hour: 60.9 minutes measured); Fig. 7's sweep and the forced-switch and
     co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant
     presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
@@ -262,6 +262,8 @@ class MetaConfig:
     logvar_init: float | None = None  # start the encoder's log-variance biases here (None: PyTorch's default init)
     kl_per_switch: bool = False  # weight each step's KL penalty by its beta (NOT Eq. 3, whose KL is unweighted)
     switch_temperature: float = 1.0
+    lr_decay_from: int | None = None  # from this step on, the lr decays by a cosine to a tenth at the last step
+                                      # (None: constant, as Table A9)
     cache_stream: bool = False  # train on a StreamCache: the frozen base model's blocks below the controlled layer
                                 # run once per episode, not once per draw (faster; float32 D per step of data)
     force_switch: bool = False  # beta_t = 1 at every step (the "no temporal abstraction" baseline, App. C.4.1)
@@ -897,6 +899,8 @@ class BaseModel(nn.Module):
         it, and only blocks l.. run (the residual list then starts at layer l)."""
         B, T, _ = obs.shape
         pos = torch.arange(start, start + T, device=obs.device)
+        if control is not None and control.layer < from_layer:
+            raise ValueError(f"a control at layer {control.layer} cannot edit a stream given at layer {from_layer}")
         e = self.encoder(obs) if from_layer == 0 else obs             # (B, T, D)
         residuals = [e]
         for l, block in enumerate(self.blocks[from_layer:], from_layer):
@@ -955,6 +959,9 @@ class BaseModel(nn.Module):
             action_nll = -(self.action_head.log_prob(out["logits"], actions) * m).sum() / m.sum()
         obs_nll = torch.zeros(())
         if obs_loss and self.cfg.obs_weight > 0:
+            if obs is None:
+                raise ValueError("the next-observation loss needs the batch's observations; a StreamCache batch has "
+                                 "none (pass obs_loss=False)")
             pred = self.obs_head(out["h"])
             if self.cfg.head == "categorical":                        # one-hot grid: Bernoulli per dimension
                 obs_nll = F.binary_cross_entropy_with_logits(pred, obs[:, 1:], reduction="none")
@@ -1037,12 +1044,17 @@ def build_model(cfg: ModelConfig, env: str = "grid") -> BaseModel:
     return model
 
 
+def cosine_decay(lr: float, step: int, start: int, end: int, min_frac: float) -> float:
+    """lr until `start`, then a cosine from lr down to min_frac * lr at `end`, and min_frac * lr after it."""
+    progress = min(1.0, max(0, step - start) / max(1, end - start))
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_frac * lr (deviation 2)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cosine_decay(cfg.lr, step, cfg.warmup, cfg.steps, cfg.min_lr_frac)
 
 
 def length_bucketed_batch(by_length: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -1534,9 +1546,10 @@ class StreamCache:
     """A frozen base model's residual stream before block `layer` on every step of `data`, computed once, behind
     the episodes' `batch` interface: its batches carry the stream (B, T, D) in place of the observations, so that
     BaseModel.loss runs only the blocks from `layer` on, with the whole model's result up to float rounding (a
-    test checks it). Worth it when training draws each episode several times: the cpu preset's metacontroller
-    draws 1.28M episodes from 200k. It holds sum(lengths) x D floats (3.2 GB there) and goes stale if the base
-    model changes, so it serves frozen models only."""
+    test checks it; on the cpu run's model, 40 training steps came out bit-identical). Worth it when training
+    draws each episode several times: the cpu preset's metacontroller draws 1.28M episodes from 200k. It holds
+    sum(lengths) x D floats (3.2 GB there) and goes stale if the base model changes, so it serves frozen models
+    only."""
 
     def __init__(self, model: BaseModel, data, layer: int, batch_size: int = 256):
         self.data, self.layer, self.lengths = data, layer, data.lengths
@@ -1544,7 +1557,7 @@ class StreamCache:
         self.start = np.concatenate([[0], np.cumsum(data.lengths)])   # episode i's rows: start[i] .. start[i+1]-1
         self.flat = torch.zeros(int(self.start[-1]) + 1, model.cfg.d_model, device=device)   # last row: padding
         for idx in np.array_split(np.argsort(data.lengths, kind="stable"), max(1, len(data) // batch_size)):
-            b = data.batch(idx, device)                               # idx in increasing order, as batch sorts them
+            b = data.batch(idx, device)                               # its rows: idx sorted, as rows() takes them
             rows = torch.as_tensor(self.rows(np.sort(idx), b["mask"].shape[1]), device=device)
             self.flat[rows[b["mask"]]] = model.stream(b["obs"][:, :-1], layer)[b["mask"]]
 
@@ -1557,12 +1570,13 @@ class StreamCache:
         return np.where(t < self.lengths[idx, None], self.start[idx, None] + t, len(self.flat) - 1)
 
     def batch(self, idx, device) -> dict:
+        """data.batch's tensors for episodes idx, with the cached stream (B, T, D) and its layer instead of obs."""
         b = self.data.batch(idx, device, obs=False)
         rows = torch.as_tensor(self.rows(np.sort(np.asarray(idx)), b["mask"].shape[1]), device=self.flat.device)
         return {**b, "stream": self.flat[rows].to(device), "layer": self.layer}
 
 
-def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed: int = 0,
+def train_metacontroller(model: BaseModel, data: Episodes | StreamCache, cfg: MetaConfig, seed: int = 0,
                          progress: bool = True, meta: Metacontroller | None = None,
                          callback=None) -> tuple[Metacontroller, dict]:
     """Fit the metacontroller on expert data by Eq. (3). Only its parameters train, unless cfg.co_train,
@@ -1571,6 +1585,8 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
     sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss (free bits).
     callback(steps_done, meta), if given, runs after every step (to evaluate along the way: it may switch meta
     to eval mode, and must switch it back)."""
+    if cfg.cache_stream and cfg.co_train:
+        raise ValueError("MetaConfig(cache_stream=True) needs a frozen base model, but co_train trains it")
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -1586,8 +1602,6 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
         freeze(model)
         params = list(meta.parameters())
     if cfg.cache_stream:
-        if cfg.co_train:
-            raise ValueError("MetaConfig(cache_stream=True) needs a frozen base model, but co_train trains it")
         data = StreamCache(model, data, meta.layer)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     by_length = np.argsort(data.lengths, kind="stable")
@@ -1595,6 +1609,9 @@ def train_metacontroller(model: BaseModel, data: Episodes, cfg: MetaConfig, seed
     t0, bar = time.time(), tqdm(range(cfg.steps), desc="metacontroller", disable=not progress, mininterval=2)
     for step in bar:
         batch = data.batch(length_bucketed_batch(by_length, cfg.batch_size, rng), device)
+        if cfg.lr_decay_from is not None:
+            for group in opt.param_groups:
+                group["lr"] = cosine_decay(cfg.lr, step, cfg.lr_decay_from, cfg.steps - 1, 0.1)
         alpha = kl_weight(step, cfg)
         out = meta_loss(model, meta, batch, alpha)
         opt.zero_grad(set_to_none=True)
@@ -2325,7 +2342,8 @@ class Run:
         def make():
             torch.manual_seed(self.seed)
             model = build_model(self.cfg.model, self.env).to(self.device)
-            cfg = dataclasses.replace(self.meta_eq3, co_train=True, steps=self.cfg.sweep.co_train_steps)
+            cfg = dataclasses.replace(self.meta_eq3, co_train=True, cache_stream=False,
+                                      steps=self.cfg.sweep.co_train_steps)
             meta, history = train_metacontroller(model, self.meta_data(), cfg, self.seed, self.progress)
             return model, meta, {**evaluate_metacontroller(model, meta, self.data()[1]), "history": history}
 

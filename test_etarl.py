@@ -841,6 +841,30 @@ def test_kl_weight_waits_for_the_delay_then_ramps_to_alpha():
     assert weights(kl_delay=10, kl_warmup=20) == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.2, 0.2])
 
 
+def test_learning_rate_schedules_start_at_lr_and_end_at_their_floor():
+    """cosine_decay holds lr until its start and reaches min_frac * lr at its end; pretraining warms up linearly."""
+    assert [etarl.cosine_decay(1.0, s, 10, 20, 0.1) for s in (0, 10, 15, 20, 30)] == pytest.approx(
+        [1.0, 1.0, 0.55, 0.1, 0.1])
+    cfg = etarl.PretrainConfig(steps=110, lr=2.0, warmup=10, min_lr_frac=0.1)
+    assert [etarl.lr_at(s, cfg) for s in (0, 9, 10, 60, 110)] == pytest.approx([0.2, 2.0, 2.0, 1.1, 0.2])
+
+
+def test_metacontroller_lr_decay_changes_only_the_steps_after_it(data):
+    """MetaConfig(lr_decay_from=n) trains exactly as the constant lr up to step n and differently after it."""
+    model = etarl.freeze(_model())
+    cfg = etarl.MetaConfig(steps=6, batch_size=8)
+    runs = []
+    for decay in (None, 3):
+        snapshots = {}
+        meta, _ = etarl.train_metacontroller(
+            model, data[0], dataclasses.replace(cfg, lr_decay_from=decay), progress=False,
+            callback=lambda step, m: snapshots.update({step: [p.detach().clone() for p in m.parameters()]}))
+        runs.append(snapshots)
+    for a, b in zip(runs[0][4], runs[1][4]):                           # steps 0-3 at lr: identical
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0][6], runs[1][6]))
+
+
 def test_a_given_metacontroller_trains_on(data, tmp_path):
     """train_metacontroller(meta=m) continues training m (here reloaded from disk) instead of a fresh one."""
     model, cfg = etarl.freeze(_model()), etarl.MetaConfig(steps=3, batch_size=8)
@@ -888,16 +912,25 @@ def test_stream_cache_batches_give_the_whole_models_loss(data, mixer):
     b = etarl.meta_loss(model, meta, cached, alpha=0.1)
     for k in ("loss", "action_nll", "kl"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="next-observation loss needs the batch's observations"):
+        model.loss(cached)
+    with pytest.raises(ValueError, match="control at layer 0 cannot edit a stream given at layer 1"):
+        model(cached["stream"], etarl.Control(0, U=torch.zeros(32, 32)), from_layer=1)
 
 
-def test_metacontroller_trains_alike_on_the_stream_cache(data):
-    """MetaConfig(cache_stream=True) changes the speed, not the training: the same draws and the same steps, so
-    the same losses and weights up to float rounding; and it refuses a base model that trains (co_train)."""
+def test_metacontroller_trains_alike_on_the_stream_cache(data, monkeypatch):
+    """MetaConfig(cache_stream=True) changes the speed, not the training: every batch comes from the cache, with
+    the same draws and steps, so the same losses and weights up to float rounding; and it refuses a base model that
+    trains (co_train)."""
     model = etarl.freeze(_model())
     cfg = etarl.MetaConfig(steps=5, batch_size=16, **{**etarl.ALIGNED, "kl_delay": 1, "kl_warmup": 2})
     plain, plain_history = etarl.train_metacontroller(model, data[0], cfg, progress=False)
+    drawn, batch = [], etarl.StreamCache.batch
+    monkeypatch.setattr(etarl.StreamCache, "batch", lambda self, idx, device: drawn.append(len(idx)) or
+                        batch(self, idx, device))
     cached, cached_history = etarl.train_metacontroller(model, data[0], dataclasses.replace(cfg, cache_stream=True),
                                                         progress=False)
+    assert drawn == [16] * 5
     np.testing.assert_allclose(cached_history["loss"], plain_history["loss"], rtol=1e-4)
     for a, b in zip(plain.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -198,6 +198,7 @@ def metacontroller(rev: str | None = None) -> dict:
         start = time.time()
         cache = etarl.StreamCache(model, train, len(model.blocks) // 2)
         result[build] = min(result.get(build, np.inf), time.time() - start)
+        print(f"{build}: {result[build]:.0f}", flush=True)
         start = time.time()
         etarl.train_metacontroller(model, cache, dataclasses.replace(etarl.MetaConfig(), steps=12, **lead),
                                    progress=False)
