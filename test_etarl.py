@@ -856,7 +856,7 @@ def test_metacontroller_lr_decay_changes_only_the_steps_after_it(data):
     runs = []
     for decay in (None, 3):
         snapshots = {}
-        meta, _ = etarl.train_metacontroller(
+        etarl.train_metacontroller(
             model, data[0], dataclasses.replace(cfg, lr_decay_from=decay), progress=False,
             callback=lambda step, m: snapshots.update({step: [p.detach().clone() for p in m.parameters()]}))
         runs.append(snapshots)

@@ -184,7 +184,7 @@ def metacontroller(rev: str | None = None) -> dict:
             for version, E in versions.items():
                 model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
                 train = E.Episodes.load("runs/grid-cpu-s0/train.npz")
-                cfg = dataclasses.replace(E.MetaConfig(), steps=steps, **over)         # Eq. 3's, batch 64
+                cfg = dataclasses.replace(E.MetaConfig(), steps=steps, **over)         # Eq. 3's, or the lead
                 start = time.time()
                 E.train_metacontroller(model, train, cfg, seed=0, progress=False)
                 s = (time.time() - start) / steps
