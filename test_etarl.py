@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from gymnasium.utils.env_checker import check_env
 
 import envs
@@ -628,17 +629,20 @@ def test_tiny_pipeline_writes_its_artefacts_and_resumes(tmp_path):
 def test_pipeline_metacontroller_uses_the_remedies_and_its_baselines_eq3(tmp_path, monkeypatch):
     """The cpu and tiny presets train their own metacontroller with the remedies that make it switch at the
     subgoal boundaries (the KL paid per switch, binary switches: deviation 7), and the forced-switch and
-    co-trained baselines and Fig. 7's sweep by the paper's Eq. 3, with every remedy at MetaConfig's default."""
+    co-trained baselines and Fig. 7's sweep by the paper's Eq. 3, with every remedy at MetaConfig's default. The
+    metacontroller's StreamCache, built once, also serves the forced-switch baseline (its base model is as frozen)."""
     plain = etarl.MetaConfig()
     for name in ("cpu", "tiny"):
         cfg = etarl.get_preset(name)
         assert cfg.meta.kl_per_switch and cfg.meta.gumbel_switch and cfg.meta.read_norm
         assert all(getattr(cfg.meta_eq3, k) == getattr(plain, k) for k in etarl.ALIGNED), name
     trained, train = [], etarl.train_metacontroller
-    monkeypatch.setattr(etarl, "train_metacontroller", lambda *a, **k: trained.append(a[2]) or train(*a, **k))
+    monkeypatch.setattr(etarl, "train_metacontroller", lambda *a, **k: trained.append(a[1:3]) or train(*a, **k))
     run = etarl.Run("tiny", out=str(tmp_path), progress=False)
     run.metacontroller(force=True), run.meta_forced(), run.co_trained(), run.rate_distortion(force=True)
-    main, forced, co, *sweep = trained
+    (main_data, main), (forced_data, forced), (co_data, co), *sweep = trained
+    assert isinstance(main_data, etarl.StreamCache) and forced_data is main_data and co_data is run.meta_data()
+    sweep = [c for _, c in sweep]
     assert main == run.cfg.meta
     assert forced == dataclasses.replace(run.cfg.meta_eq3, force_switch=True)
     assert co == dataclasses.replace(run.cfg.meta_eq3, co_train=True, steps=run.cfg.sweep.co_train_steps)
@@ -737,6 +741,28 @@ def test_per_step_embedding_reads_the_future_and_ignores_padding():
     torch.testing.assert_close(s[1, :4], meta.sequence_embedding(padding, lengths)[1, :4])
     whole = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4)).sequence_embedding(e, lengths)
     torch.testing.assert_close(whole, whole[:, :1].expand_as(whole))
+
+
+def test_sequence_embedding_equals_a_bidirectional_gru_over_packed_sequences():
+    """Eq. 13 run as two GRUs over the padded batch, the backward one on each episode reversed in place, gives what a
+    bidirectional nn.GRU with the same weights gives over packed sequences: its two end states, and its per-step
+    states (zero on padding)."""
+    torch.manual_seed(0)
+    e, lengths = torch.randn(3, 7, 32), torch.tensor([7, 4, 2])
+    for per_step in (False, True):
+        meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, per_step_embedding=per_step))
+        both = nn.GRU(32, meta.cfg.n_s, batch_first=True, bidirectional=True)
+        with torch.no_grad():
+            for name, p in meta.embed_fwd.named_parameters():
+                getattr(both, name).copy_(p), getattr(both, name + "_reverse").copy_(getattr(meta.embed_bwd, name))
+        packed = nn.utils.rnn.pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
+        states, last = both(packed)
+        if per_step:
+            states, _ = nn.utils.rnn.pad_packed_sequence(states, batch_first=True, total_length=7)
+            want = meta.embed_out(states)
+        else:
+            want = meta.embed_out(torch.cat([last[0], last[1]], -1))[:, None].expand(-1, 7, -1)
+        torch.testing.assert_close(meta.sequence_embedding(e, lengths), want)
 
 
 def test_read_norm_reads_the_stream_up_to_scale_and_edits_it_raw():
@@ -936,6 +962,14 @@ def test_metacontroller_trains_alike_on_the_stream_cache(data, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="cache_stream=True.*frozen base model"):
         etarl.train_metacontroller(_model(), data[0], dataclasses.replace(cfg, cache_stream=True, co_train=True),
+                                   progress=False)
+    drawn.clear()                                                       # a cache given as the data serves as well
+    given, _ = etarl.train_metacontroller(model, etarl.StreamCache(model, data[0], 1), cfg, progress=False)
+    assert drawn == [16] * 5
+    for a, b in zip(cached.parameters(), given.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="StreamCache needs a frozen base model"):
+        etarl.train_metacontroller(model, etarl.StreamCache(model, data[0], 1), dataclasses.replace(cfg, co_train=True),
                                    progress=False)
 
 
