@@ -1369,9 +1369,9 @@ def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
 
 
-def logistic_noise(shape: tuple, device=None) -> torch.Tensor:
+def logistic_noise(shape: tuple, device=None, dtype=None) -> torch.Tensor:
     """Samples of the standard logistic distribution, log u - log(1 - u) for u ~ U(0, 1)."""
-    u = torch.rand(shape, device=device).clamp(1e-6, 1 - 1e-6)
+    u = torch.rand(shape, device=device, dtype=dtype).clamp(1e-6, 1 - 1e-6)
     return u.log() - (-u).log1p()
 
 
@@ -1379,7 +1379,7 @@ def gumbel_sigmoid(logit: torch.Tensor, temperature: float = 1.0, noise: torch.T
     """A binary sample of sigmoid(logit) with a straight-through gradient: the forward value is 0 or 1, the
     backward pass is that of the relaxed sample sigmoid((logit + logistic noise) / temperature). `noise` (logit's
     shape) is drawn here unless given (drawn ahead for a whole sequence, which is faster)."""
-    noise = logistic_noise(logit.shape, logit.device) if noise is None else noise
+    noise = logistic_noise(logit.shape, logit.device, logit.dtype) if noise is None else noise
     soft = torch.sigmoid((logit + noise) / temperature)
     return (soft > 0.5).float() + (soft - soft.detach())                # exactly 0 or 1 going forward
 
@@ -1435,21 +1435,32 @@ class Metacontroller(nn.Module):
         self.switch = mlp(d_model + cfg.n_h + cfg.n_z, cfg.enc_hidden, 1)
         nn.init.constant_(self.switch[-1].bias, cfg.switch_bias)
         self.hyper = hypernetwork(cfg.n_z, cfg.hyp_hidden, d_model, cfg.rank, cfg.zero_init_edit)
+        self.register_load_state_dict_pre_hook(self._split_embedding)
+
+    @staticmethod
+    def _split_embedding(module, state: dict, prefix: str, *_) -> None:
+        """Reads weights saved when Eq. 13 ran one bidirectional nn.GRU `embed` (before 2026-12-06): its
+        direction X and X_reverse are now embed_fwd.X and embed_bwd.X."""
+        for key in [k for k in state if k.startswith(prefix + "embed.")]:
+            name = key[len(prefix + "embed."):]
+            new = f"embed_bwd.{name[:-len('_reverse')]}" if name.endswith("_reverse") else f"embed_fwd.{name}"
+            state[prefix + new] = state.pop(key)
 
     def sequence_embedding(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """s (B, T, n_s) from the whole valid part of each sequence, read in both directions (Eq. 13): the same
         s at every step from the two ends, or with cfg.per_step_embedding an s_t from both directions' states at
-        t (the backward one has read steps t .. T). The backward GRU reads each episode's valid steps reversed in
-        place (padding stays after them), so both run over the padded batch at once: what a bidirectional GRU
-        over packed sequences computes, twice as fast on a CPU (a test checks they agree)."""
-        t = torch.arange(e.shape[1], device=e.device)
-        valid = t < lengths.to(e.device)[:, None]                     # (B, T)
-        flip = torch.where(valid, valid.sum(1, keepdim=True) - 1 - t, t)   # reverses the valid steps, an involution
+        t (the backward one has read steps t .. L-1, L the episode's length). The backward GRU reads each episode's
+        valid steps reversed in place (padding stays after them), so both run over the padded batch at once: what
+        a bidirectional GRU over packed sequences computes (a test checks they agree), 1.6x faster on a CPU (lab
+        notes, section 1)."""
+        t, lengths = torch.arange(e.shape[1], device=e.device), lengths.to(e.device)[:, None]
+        valid = t < lengths                                           # (B, T)
+        flip = torch.where(valid, lengths - 1 - t, t)                 # reverses the valid steps, an involution
         forward, _ = self.embed_fwd(e)                                # at t: has read steps 0 .. t
         backward, _ = self.embed_bwd(e.gather(1, flip[..., None].expand_as(e)))   # at k: has read L-1-k .. L-1
         if self.cfg.per_step_embedding:
             states = torch.cat([forward, backward.gather(1, flip[..., None].expand_as(backward))], -1)
-            return self.embed_out(states * valid[..., None])           # (B, T, n_s); zeros in, as padding
+            return self.embed_out(torch.where(valid[..., None], states, 0.0))   # (B, T, n_s); padding: zeros in
         ends = flip[:, :1, None].expand(-1, 1, forward.shape[-1])      # flip[:, 0] = L - 1: both directions' ends
         s = self.embed_out(torch.cat([forward.gather(1, ends), backward.gather(1, ends)], -1))   # (B, 1, n_s)
         return s.expand(-1, e.shape[1], -1)
@@ -1505,8 +1516,8 @@ class Metacontroller(nn.Module):
         mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
         z_tilde = self.sample_code(mu, logvar, sample)                                # Eq. (15)
         logit_at = self.switch_logits(e, h_prev)
-        sampled = self.cfg.gumbel_switch and self.training           # binary switches, sampled for t = 1 .. T-1
-        noise = logistic_noise((T - 1, B, 1), e.device) if sampled else None
+        sampled = self.cfg.gumbel_switch and self.training and not self.cfg.force_switch   # binary, sampled:
+        noise = logistic_noise((T - 1, B, 1), e.device, e.dtype) if sampled else None      # noise for t = 1 .. T-1
         z, zs, betas, probs = torch.zeros(B, self.cfg.n_z, device=e.device), [], [], []
         for t, z_tilde_t in enumerate(z_tilde.unbind(1)):             # unbind: one gradient copy, not T
             if self.cfg.force_switch or t == 0:                       # at t = 0 there is no code to keep
@@ -1600,13 +1611,14 @@ def train_metacontroller(model: BaseModel, data: Episodes | StreamCache, cfg: Me
                          callback=None) -> tuple[Metacontroller, dict]:
     """Fit the metacontroller on expert data by Eq. (3). Only its parameters train, unless cfg.co_train,
     in which case the base model's train too (pass a freshly initialised model for App. C.4.2).
-    `data` may be a StreamCache of this (frozen) model already, as cfg.cache_stream would build it.
+    `data` may be a StreamCache of this (frozen) model already: training draws from it whatever cfg.cache_stream
+    says (which builds one when data is episodes).
     A given `meta` (one loaded from disk, or a variant built elsewhere) trains on instead of a fresh one: `cfg`
     sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss (free bits).
     callback(steps_done, meta), if given, runs after every step (to evaluate along the way: it may switch meta
     to eval mode, and must switch it back)."""
     if (cfg.cache_stream or isinstance(data, StreamCache)) and cfg.co_train:
-        raise ValueError("MetaConfig(cache_stream=True) or a StreamCache needs a frozen base model, but co_train "
+        raise ValueError("a StreamCache (or MetaConfig(cache_stream=True)) needs a frozen base model, but co_train "
                          "trains it")
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -2348,9 +2360,9 @@ class Run:
         return self._module_stage("metacontroller", "meta.pt", "meta_history.json", make)
 
     def stream_cache(self) -> StreamCache:
-        """The frozen base model's stream at L/2 on meta_data, built when first asked for and kept: the
-        metacontroller stage trains on it (MetaConfig.cache_stream), and the forced-switch baseline trains on it too
-        when it is still here (a pipeline run from scratch), instead of rerunning the blocks below L/2 per draw."""
+        """The frozen base model's stream at L/2 on meta_data, built when first asked for and kept until the
+        forced-switch baseline is trained: with MetaConfig.cache_stream, the metacontroller and that baseline both
+        train on it (one build in a pipeline run), instead of rerunning the blocks below L/2 per draw."""
         if "stream_cache" not in self._memo:
             model = freeze(self.base_model()[0])
             self._memo["stream_cache"] = StreamCache(model, self.meta_data(), len(model.blocks) // 2)
@@ -2390,8 +2402,9 @@ class Run:
         """Baseline 2's metacontroller: beta forced to 1 at every step (no temporal abstraction, App. C.4.1)."""
         def make():
             cfg = dataclasses.replace(self.meta_eq3, force_switch=True)
-            data = self._memo["stream_cache"] if "stream_cache" in self._memo else self.meta_data()   # same, faster
+            data = self.stream_cache() if self.cfg.meta.cache_stream else self.meta_data()   # same training, faster
             meta, history = train_metacontroller(freeze(self.base_model()[0]), data, cfg, self.seed, self.progress)
+            self._memo.pop("stream_cache", None)                      # its last user: free the memory (3.2 GB, cpu)
             return meta, {**evaluate_metacontroller(self.base_model()[0], meta, self.data()[1]), "history": history}
         return self._module_stage("meta_forced", "meta_forced.pt", "meta_forced.json", make)
 

@@ -746,9 +746,10 @@ def test_per_step_embedding_reads_the_future_and_ignores_padding():
 def test_sequence_embedding_equals_a_bidirectional_gru_over_packed_sequences():
     """Eq. 13 run as two GRUs over the padded batch, the backward one on each episode reversed in place, gives what a
     bidirectional nn.GRU with the same weights gives over packed sequences: its two end states, and its per-step
-    states (zero on padding)."""
+    states (zero on padding); with episodes of one step and padding past the longest too. Weights saved from such a
+    bidirectional GRU (`embed`, as before the split) load into the two."""
     torch.manual_seed(0)
-    e, lengths = torch.randn(3, 7, 32), torch.tensor([7, 4, 2])
+    e, lengths = torch.randn(3, 9, 32), torch.tensor([7, 4, 1])
     for per_step in (False, True):
         meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, per_step_embedding=per_step))
         both = nn.GRU(32, meta.cfg.n_s, batch_first=True, bidirectional=True)
@@ -758,11 +759,17 @@ def test_sequence_embedding_equals_a_bidirectional_gru_over_packed_sequences():
         packed = nn.utils.rnn.pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
         states, last = both(packed)
         if per_step:
-            states, _ = nn.utils.rnn.pad_packed_sequence(states, batch_first=True, total_length=7)
+            states, _ = nn.utils.rnn.pad_packed_sequence(states, batch_first=True, total_length=9)
             want = meta.embed_out(states)
         else:
-            want = meta.embed_out(torch.cat([last[0], last[1]], -1))[:, None].expand(-1, 7, -1)
+            want = meta.embed_out(torch.cat([last[0], last[1]], -1))[:, None].expand(-1, 9, -1)
         torch.testing.assert_close(meta.sequence_embedding(e, lengths), want)
+    old = {k: v for k, v in meta.state_dict().items() if not k.startswith(("embed_fwd.", "embed_bwd."))}
+    old.update({f"embed.{k}": v for k, v in both.state_dict().items()})
+    loaded = etarl.Metacontroller(32, 1, meta.cfg)
+    loaded.load_state_dict(old)
+    for (name, a), b in zip(meta.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_read_norm_reads_the_stream_up_to_scale_and_edits_it_raw():
@@ -1258,6 +1265,30 @@ def test_gumbel_sigmoid_switch_is_binary_with_the_right_mean_and_a_gradient():
     torch.testing.assert_close(beta.detach().mean(0), torch.sigmoid(logit[0].detach()), atol=0.01, rtol=0)
     beta.sum().backward()
     assert (logit.grad > 0).all()
+
+
+def test_metacontroller_draws_its_switch_noise_as_per_step_draws_would():
+    """In training, forward draws the Gumbel-sigmoid noise of every step ahead of its loop over time: the same
+    switches, in the same random stream, as drawing it step by step (the switching unit's own Eq. 16 and 17)."""
+    torch.manual_seed(0)
+    meta = etarl.Metacontroller(32, 1, etarl.MetaConfig(rank=4, **etarl.ALIGNED)).train()
+    e, lengths = torch.randn(16, 9, 32), torch.full((16,), 9)
+    torch.manual_seed(1)
+    out = meta(e, lengths)
+    torch.manual_seed(1)                                               # the same stream, drawn step by step
+    read = meta.read(e)
+    h_prev = F.pad(meta.history(read)[0], (0, 0, 1, 0))[:, :-1]
+    mu, logvar = meta.encoder(torch.cat([read, h_prev, meta.sequence_embedding(read, lengths)], -1)).chunk(2, -1)
+    z_tilde, z, betas = meta.sample_code(mu, logvar), torch.zeros(16, meta.cfg.n_z), [torch.ones(16)]
+    z = z_tilde[:, 0]
+    for t in range(1, 9):
+        logit = meta.switch(torch.cat([read[:, t], h_prev[:, t], z], -1))
+        beta = etarl.gumbel_sigmoid(logit, meta.cfg.switch_temperature)
+        z = beta * z_tilde[:, t] + (1 - beta) * z
+        betas.append(beta[:, 0])
+    torch.testing.assert_close(out["beta"], torch.stack(betas, 1), rtol=0, atol=0)
+    torch.testing.assert_close(out["z"][:, -1], z)
+    assert 0 < out["beta"][:, 1:].mean() < 1                             # some switches and some holds
 
 
 # ==================================================================================================
