@@ -65,7 +65,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
     and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
-    keep `python etarl.py` near an hour: 60.9 minutes measured); Fig. 7's sweep and the forced-switch and
+    keep `python etarl.py` within an hour: 50.5 minutes measured); Fig. 7's sweep and the forced-switch and
     co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant
     presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries

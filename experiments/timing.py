@@ -2,7 +2,7 @@
 
   python experiments/timing.py            # on a GPU: the paper's shapes and batch sizes (1024 grid, 512 ant)
   python experiments/timing.py rollouts   # in the folder of `python etarl.py`: rollouts with and without the cut
-  python experiments/timing.py metacontroller [REV]   # there too: metacontroller training, against git REV's
+  python experiments/timing.py metacontroller [REV [THREADS]]   # there too: metacontroller training, against REV's
 
 Times one AdamW step of each paper-preset base model (fp32 with TF32 matmuls, then bf16 autocast) and scales it
 to the paper's number of steps. The grid step uses real expert batches built on the device; the ant step uses
@@ -18,12 +18,13 @@ sweep's evaluation; controllers trained for 50 steps, which is enough to steer) 
 (one RL batch, with the run's metacontroller and an untrained policy). Best of three calls each.
 
 `metacontroller` times etarl.train_metacontroller on the cpu run's base model and training episodes, on one
-thread: Eq. 3's config (MetaConfig(), batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
+thread (or THREADS): Eq. 3's config (MetaConfig(), batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
 with read_norm, Gumbel switches and the KL paid per switch), 40 and 12 steps. With a git revision REV (say
 540ba8c, before the low-rank edit mixed shared banks and the switching unit's e, h part was computed for all
 steps at once) it loads that revision's etarl.py too and times the two in turn, twice each. Then, as the cpu preset
-trains (MetaConfig(cache_stream=True)): the StreamCache of the whole training set (its build time) and the lead's
-steps on it.
+trains (MetaConfig(cache_stream=True)): the StreamCache of the whole training set (its build time) and both
+configs' steps on it (Eq. 3's as the forced-switch baseline trains), again in turn with REV's if REV has the cache (e93568a and later; say 1b3737f, before Eq. 13's
+embedding ran unpacked).
 """
 import dataclasses
 import importlib.util
@@ -173,13 +174,13 @@ def load_revision(rev: str):
     return module
 
 
-def metacontroller(rev: str | None = None) -> dict:
-    torch.set_num_threads(1)
+def metacontroller(rev: str | None = None, threads: str = "1") -> dict:
+    torch.set_num_threads(int(threads))
     versions = {"this checkout": etarl, **({rev: load_revision(rev)} if rev else {})}
     lead = dict(read_norm=True, gumbel_switch=True, kl_per_switch=True, switch_temperature=0.5, batch_size=256,
                 logvar_init=-6.0)
-    result = {}
-    for name, over, steps in (("Eq. 3, batch 64", {}, 40), ("lead, batch 256", lead, 12)):
+    result, configs = {}, (("Eq. 3, batch 64", {}, 40), ("lead, batch 256", lead, 12))
+    for name, over, steps in configs:
         for _ in range(2):
             for version, E in versions.items():
                 model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
@@ -193,23 +194,26 @@ def metacontroller(rev: str | None = None) -> dict:
                 print(f"{name}, {version}: {s:.3f} s/step", flush=True)
     model = etarl.freeze(etarl.load_model("runs/grid-cpu-s0/base.pt"))
     train = etarl.Episodes.load("runs/grid-cpu-s0/train.npz")
-    build, step = "stream cache build s", "lead, batch 256, on the stream cache s/step"
-    for _ in range(2):                                 # the cpu preset's way: the lead on a StreamCache
-        start = time.time()
-        cache = etarl.StreamCache(model, train, len(model.blocks) // 2)
-        result[build] = min(result.get(build, np.inf), time.time() - start)
-        print(f"{build}: {result[build]:.0f}", flush=True)
-        start = time.time()
-        etarl.train_metacontroller(model, cache, dataclasses.replace(etarl.MetaConfig(), steps=12, **lead),
-                                   progress=False)
-        result[step] = min(result.get(step, np.inf), (time.time() - start) / 12)
-        print(f"{step}: {result[step]:.3f}", flush=True)
+    start = time.time()                                # the cpu preset's way: the lead on a StreamCache
+    cache = etarl.StreamCache(model, train, len(model.blocks) // 2)
+    result["stream cache build s"] = time.time() - start
+    print(f"stream cache build: {result['stream cache build s']:.0f} s", flush=True)
+    for name, over, steps in configs:
+        for _ in range(2):
+            for version, E in ((v, E) for v, E in versions.items() if hasattr(E, "StreamCache")):   # e93568a on
+                model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
+                start = time.time()
+                E.train_metacontroller(model, cache, dataclasses.replace(E.MetaConfig(), steps=steps, **over),
+                                       progress=False)
+                key, s = f"{name}, on the stream cache, {version} s/step", (time.time() - start) / steps
+                result[key] = min(result.get(key, s), s)
+                print(f"{name}, on the stream cache, {version}: {s:.3f} s/step", flush=True)
     return result
 
 
 if __name__ == "__main__":
     commands = {"paper": main, "rollouts": rollouts, "metacontroller": metacontroller}
     name, *rest = sys.argv[1:] or ["paper"]
-    if name not in commands or len(rest) > (name == "metacontroller"):      # only metacontroller takes an argument
-        sys.exit("usage: python experiments/timing.py [rollouts | metacontroller [REV]]")
+    if name not in commands or len(rest) > 2 * (name == "metacontroller"):   # only metacontroller takes arguments
+        sys.exit("usage: python experiments/timing.py [rollouts | metacontroller [REV [THREADS]]]")
     print(json.dumps(commands[name](*rest), indent=1))
