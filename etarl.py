@@ -65,7 +65,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
     and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
-    keep `python etarl.py` within an hour: 50.5 minutes measured); Fig. 7's sweep and the forced-switch and
+    keep `python etarl.py` near an hour; 50.5 minutes measured); Fig. 7's sweep and the forced-switch and
     co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant
     presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
@@ -1451,8 +1451,8 @@ class Metacontroller(nn.Module):
         s at every step from the two ends, or with cfg.per_step_embedding an s_t from both directions' states at
         t (the backward one has read steps t .. L-1, L the episode's length). The backward GRU reads each episode's
         valid steps reversed in place (padding stays after them), so both run over the padded batch at once: what
-        a bidirectional GRU over packed sequences computes (a test checks they agree), 1.6x faster on a CPU (lab
-        notes, section 1)."""
+        a bidirectional GRU over packed sequences computes (a test checks they agree), its forward and backward
+        1.6x faster on one CPU thread (lab notes, section 1)."""
         t, lengths = torch.arange(e.shape[1], device=e.device), lengths.to(e.device)[:, None]
         valid = t < lengths                                           # (B, T)
         flip = torch.where(valid, lengths - 1 - t, t)                 # reverses the valid steps, an involution
@@ -1516,8 +1516,8 @@ class Metacontroller(nn.Module):
         mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
         z_tilde = self.sample_code(mu, logvar, sample)                                # Eq. (15)
         logit_at = self.switch_logits(e, h_prev)
-        sampled = self.cfg.gumbel_switch and self.training and not self.cfg.force_switch   # binary, sampled:
-        noise = logistic_noise((T - 1, B, 1), e.device, e.dtype) if sampled else None      # noise for t = 1 .. T-1
+        sample_switch = self.cfg.gumbel_switch and self.training and not self.cfg.force_switch   # binary, sampled:
+        noise = logistic_noise((T - 1, B, 1), e.device, e.dtype) if sample_switch else None    # for t = 1 .. T-1
         z, zs, betas, probs = torch.zeros(B, self.cfg.n_z, device=e.device), [], [], []
         for t, z_tilde_t in enumerate(z_tilde.unbind(1)):             # unbind: one gradient copy, not T
             if self.cfg.force_switch or t == 0:                       # at t = 0 there is no code to keep
@@ -1525,7 +1525,7 @@ class Metacontroller(nn.Module):
             else:
                 logit = logit_at(t, z)                                                    # Eq. (16)
                 beta = prob = torch.sigmoid(logit)
-                if sampled:
+                if sample_switch:
                     beta = gumbel_sigmoid(logit, self.cfg.switch_temperature, noise[t - 1])
                 elif self.cfg.gumbel_switch:                          # binary in eval too: as internal RL's gate fires
                     beta = (logit > 0).to(logit.dtype)

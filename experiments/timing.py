@@ -18,13 +18,14 @@ sweep's evaluation; controllers trained for 50 steps, which is enough to steer) 
 (one RL batch, with the run's metacontroller and an untrained policy). Best of three calls each.
 
 `metacontroller` times etarl.train_metacontroller on the cpu run's base model and training episodes, on one
-thread (or THREADS): Eq. 3's config (MetaConfig(), batch 64) and the lead of the lab notes, experiments/README.md section 3 (batch 256
-with read_norm, Gumbel switches and the KL paid per switch), 40 and 12 steps. With a git revision REV (say
-540ba8c, before the low-rank edit mixed shared banks and the switching unit's e, h part was computed for all
-steps at once) it loads that revision's etarl.py too and times the two in turn, twice each. Then, as the cpu preset
-trains (MetaConfig(cache_stream=True)): the StreamCache of the whole training set (its build time) and both
-configs' steps on it (Eq. 3's as the forced-switch baseline trains), again in turn with REV's if REV has the cache (e93568a and later; say 1b3737f, before Eq. 13's
-embedding ran unpacked).
+thread (or THREADS, given after REV): Eq. 3's config (MetaConfig(), batch 64) and the lead of the lab notes,
+experiments/README.md section 3 (batch 256 with read_norm, Gumbel switches and the KL paid per switch), 40 and 12
+steps. With a git revision REV (say 540ba8c, before the low-rank edit mixed shared banks and the switching unit's
+e, h part was computed for all steps at once) it loads that revision's etarl.py too and times the two in turn,
+twice each. Then, as the cpu preset trains (MetaConfig(cache_stream=True)): the StreamCache of the whole training
+set (its build time) and both configs' steps on it (Eq. 3's is the forced-switch baseline's, without the forcing),
+again in turn with REV's if REV has the cache (e93568a and later; say 1b3737f, before Eq. 13's embedding ran
+unpacked).
 """
 import dataclasses
 import importlib.util
@@ -194,13 +195,13 @@ def metacontroller(rev: str | None = None, threads: str = "1") -> dict:
                 print(f"{name}, {version}: {s:.3f} s/step", flush=True)
     model = etarl.freeze(etarl.load_model("runs/grid-cpu-s0/base.pt"))
     train = etarl.Episodes.load("runs/grid-cpu-s0/train.npz")
-    start = time.time()                                # the cpu preset's way: the lead on a StreamCache
+    start = time.time()                                # the cpu preset's way: on a StreamCache
     cache = etarl.StreamCache(model, train, len(model.blocks) // 2)
     result["stream cache build s"] = time.time() - start
     print(f"stream cache build: {result['stream cache build s']:.0f} s", flush=True)
     for name, over, steps in configs:
         for _ in range(2):
-            for version, E in ((v, E) for v, E in versions.items() if hasattr(E, "StreamCache")):   # e93568a on
+            for version, E in ((v, E) for v, E in versions.items() if hasattr(E, "StreamCache")):   # REV may lack it
                 model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
                 start = time.time()
                 E.train_metacontroller(model, cache, dataclasses.replace(E.MetaConfig(), steps=steps, **over),
