@@ -2355,14 +2355,16 @@ class Run:
         def make():
             if not force:
                 require_gate(self.gate(), "metacontroller", self.env)
-            data = self.stream_cache() if self.cfg.meta.cache_stream else self.meta_data()
-            return train_metacontroller(freeze(self.base_model()[0]), data, self.cfg.meta, self.seed, self.progress)
+            return train_metacontroller(freeze(self.base_model()[0]), self.frozen_meta_data(), self.cfg.meta, self.seed,
+                                        self.progress)
         return self._module_stage("metacontroller", "meta.pt", "meta_history.json", make)
 
-    def stream_cache(self) -> StreamCache:
-        """The frozen base model's stream at L/2 on meta_data, built when first asked for and kept until the
-        forced-switch baseline is trained: with MetaConfig.cache_stream, the metacontroller and that baseline both
-        train on it (one build in a pipeline run), instead of rerunning the blocks below L/2 per draw."""
+    def frozen_meta_data(self) -> Episodes | AntEpisodes | StreamCache:
+        """What the metacontrollers on the frozen base model train on: meta_data, or with MetaConfig.cache_stream
+        its StreamCache at L/2, built when first asked for and kept until the forced-switch baseline has trained
+        (one build per pipeline run for both), so that their steps skip the blocks below L/2."""
+        if not self.cfg.meta.cache_stream:
+            return self.meta_data()
         if "stream_cache" not in self._memo:
             model = freeze(self.base_model()[0])
             self._memo["stream_cache"] = StreamCache(model, self.meta_data(), len(model.blocks) // 2)
@@ -2402,8 +2404,8 @@ class Run:
         """Baseline 2's metacontroller: beta forced to 1 at every step (no temporal abstraction, App. C.4.1)."""
         def make():
             cfg = dataclasses.replace(self.meta_eq3, force_switch=True)
-            data = self.stream_cache() if self.cfg.meta.cache_stream else self.meta_data()   # same training, faster
-            meta, history = train_metacontroller(freeze(self.base_model()[0]), data, cfg, self.seed, self.progress)
+            meta, history = train_metacontroller(freeze(self.base_model()[0]), self.frozen_meta_data(), cfg, self.seed,
+                                                 self.progress)
             self._memo.pop("stream_cache", None)                      # its last user: free the memory (3.2 GB, cpu)
             return meta, {**evaluate_metacontroller(self.base_model()[0], meta, self.data()[1]), "history": history}
         return self._module_stage("meta_forced", "meta_forced.pt", "meta_forced.json", make)
