@@ -380,7 +380,7 @@ PRESETS.update({
         pretrain=PretrainConfig(steps=10, batch_size=4, lr=3e-3, warmup=2, eval_every=10),
         probe=ProbeConfig(max_iter=20),
         control=ControlConfig(rank=0, steps=5, batch_size=4, eval_episodes=4, task="0-1-2-3"),
-        meta=MetaConfig(rank=0, steps=5, batch_size=4, injection_episodes=4),
+        meta=MetaConfig(rank=0, steps=5, batch_size=4, injection_episodes=4, cache_stream=True),
         sweep=SweepConfig(alphas=(0.0, 1.0), seeds=1, steps=3, co_train_steps=3),
         compile=CompILEConfig(hidden=8, rank=0, steps=3, batch_size=4, length_mean=100.0),
         rl=RLConfig(episodes=8, batch_episodes=4, lrs=(1e-3,), seeds=2, hidden=8, base_episodes=8,
@@ -392,7 +392,7 @@ PRESETS.update({
         model=ModelConfig(d_model=128, n_layers=4, d_mlp=256, **ANT),
         pretrain=PretrainConfig(steps=4_000, batch_size=16, lr=1e-3, warmup=100, eval_every=1_000),
         control=ControlConfig(rank=0, steps=300, batch_size=16, lr=3e-3, eval_episodes=64, task="0-1-2-3", layers=(2,)),
-        meta=MetaConfig(rank=0, steps=300, batch_size=16, injection_episodes=32),
+        meta=MetaConfig(rank=0, steps=300, batch_size=16, injection_episodes=32, cache_stream=True),
         sweep=SweepConfig(steps=300, co_train_steps=300),
         compile=CompILEConfig(rank=0, steps=300, batch_size=16, length_mean=100.0),
         rl=RLConfig(episodes=512, batch_episodes=64, base_episodes=500, expert_episodes=200, **ANT_RL),
@@ -1849,6 +1849,7 @@ def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, te
             continue
         name = "co-trained" if co_train else "frozen"
         t0, cfg = time.time(), dataclasses.replace(meta_cfg, alpha=alpha, co_train=co_train,
+                                                   cache_stream=meta_cfg.cache_stream and not co_train,
                                                    steps=sweep.co_train_steps if co_train else sweep.steps)
         torch.manual_seed(seed)
         model = build_model(model_cfg, base.env).to(device) if co_train else base
