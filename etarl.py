@@ -49,7 +49,8 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     50 steps at every alpha, z stayed at its zero start and no gradient reached the encoder); the
     hypernetwork's output layer starts with weights of std 0.05, which is NOT a small edit (|U e| / |e|
     about 0.65 at rank 16 on the cpu base model, 1.3 at full rank; MetaConfig(zero_init_edit=True) starts
-    from U = 0 exactly, as LoRA does); gradients are clipped at norm 1. Off by default, measured as remedies for the collapse:
+    from U = 0 exactly, as LoRA does); gradients are clipped at norm 1. Off by default, measured as
+    remedies for the collapse:
     MetaConfig(per_step_embedding=True), an s_t per step from both directions' GRU states at t,
     MetaConfig(free_bits=f), no KL penalty on a code dimension below f nats per step (Kingma et al. 2016),
     MetaConfig(kl_delay=n), alpha = 0 for the first n steps, MetaConfig(kl_warmup=m), then a linear ramp of

@@ -181,34 +181,31 @@ def metacontroller(rev: str | None = None, threads: str = "1") -> dict:
     lead = dict(read_norm=True, gumbel_switch=True, kl_per_switch=True, switch_temperature=0.5, batch_size=256,
                 logvar_init=-6.0)
     result, configs = {}, (("Eq. 3, batch 64", {}, 40), ("lead, batch 256", lead, 12))
-    for name, over, steps in configs:
-        for _ in range(2):
-            for version, E in versions.items():
-                model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
-                train = E.Episodes.load("runs/grid-cpu-s0/train.npz")
-                cfg = dataclasses.replace(E.MetaConfig(), steps=steps, **over)         # Eq. 3's, or the lead
-                start = time.time()
-                E.train_metacontroller(model, train, cfg, seed=0, progress=False)
-                s = (time.time() - start) / steps
-                key = f"{name}, {version} s/step"
-                result[key] = min(result.get(key, s), s)
-                print(f"{name}, {version}: {s:.3f} s/step", flush=True)
+
+    def best_of_two(where: str, data_for) -> None:
+        """Each config's seconds per step, best of two calls, in each version that data_for(E) gives data to."""
+        for name, over, steps in configs:
+            for _ in range(2):
+                for version, E in versions.items():
+                    data = data_for(E)
+                    if data is None:
+                        continue
+                    model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
+                    cfg = dataclasses.replace(E.MetaConfig(), steps=steps, **over)         # Eq. 3's, or the lead
+                    start = time.time()
+                    E.train_metacontroller(model, data, cfg, seed=0, progress=False)
+                    key, s = f"{name}{where}, {version} s/step", (time.time() - start) / steps
+                    result[key] = min(result.get(key, s), s)
+                    print(f"{name}{where}, {version}: {s:.3f} s/step", flush=True)
+
+    best_of_two("", lambda E: E.Episodes.load("runs/grid-cpu-s0/train.npz"))
     model = etarl.freeze(etarl.load_model("runs/grid-cpu-s0/base.pt"))
     train = etarl.Episodes.load("runs/grid-cpu-s0/train.npz")
     start = time.time()                                # the cpu preset's way: on a StreamCache
     cache = etarl.StreamCache(model, train, len(model.blocks) // 2)
     result["stream cache build s"] = time.time() - start
     print(f"stream cache build: {result['stream cache build s']:.0f} s", flush=True)
-    for name, over, steps in configs:
-        for _ in range(2):
-            for version, E in ((v, E) for v, E in versions.items() if hasattr(E, "StreamCache")):   # REV may lack it
-                model = E.freeze(E.load_model("runs/grid-cpu-s0/base.pt"))
-                start = time.time()
-                E.train_metacontroller(model, cache, dataclasses.replace(E.MetaConfig(), steps=steps, **over),
-                                       progress=False)
-                key, s = f"{name}, on the stream cache, {version} s/step", (time.time() - start) / steps
-                result[key] = min(result.get(key, s), s)
-                print(f"{name}, on the stream cache, {version}: {s:.3f} s/step", flush=True)
+    best_of_two(", on the stream cache", lambda E: cache if hasattr(E, "StreamCache") else None)   # REV may lack it
     return result
 
 
