@@ -8,8 +8,8 @@ bottom in pipeline order:
     3. Base model ..................... causal transformer with relative-position biases and a KV cache (grid),
                                         or Hawk SSM with a Gaussian action head (ant) (Sec. 2, App. D.1)
     4. Residual-stream control ........ e <- e + U e at a named layer, low-rank or full (Eq. 1)
-    5. Pretraining and quality gate ... Eq. 5; does the residual stream know the task?
-    6. Probes and supervised control .. linear probes per layer (App. C.2), one controller per subgoal (App. C.3)
+    5. Pretraining and quality gate ... Eq. 5; linear probes per layer (App. C.2): does the stream know the task?
+    6. Supervised control ............. one controller per subgoal (App. C.3); rollouts in the environment
     7. Metacontroller ................. Eqs. 2-3, 12-18: latent codes, a switching gate, a hypernetwork (Sec. 3)
     8. Internal RL .................... a causal policy over codes, acting when the gate fires (Sec. 4, Alg. 1)
     9. Experiment runner .............. `python etarl.py`: every stage, figures and results.json in a run folder
@@ -66,9 +66,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
     and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
-    keep `python etarl.py` near an hour; 50.5 minutes measured); Fig. 7's sweep and the forced-switch and
-    co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant
-    presets keep Eq. 3.
+    keep `python etarl.py` near an hour; 50.5 and 71.2 minutes measured on two machines); Fig. 7's sweep
+    and the forced-switch and co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps
+    x 64). The paper and ant presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
     include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
