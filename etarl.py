@@ -2479,9 +2479,9 @@ class Run:
         return _json_load(path) if path.exists() else {}
 
     def results(self, force: bool = False, sweep: bool = False) -> dict:
-        """Every stage, then results.json (flat named numbers), the figures and report.md. The metacontroller
-        stages run only on a base model that passes the gate (or with force); the sweep only when asked
-        (or when its artefact already exists)."""
+        """Every stage, then results.json (flat named values, listed in the README), the figures and report.md.
+        The metacontroller stages run only on a base model that passes the gate (or with force); the sweep only
+        when asked (or when its artefact already exists)."""
         self.data(), self.meta_data()                                 # stage by stage, so each time is its own
         history, gate, probes, ctrl = self.base_model()[1], self.gate(), self.probes(), self.controllers()
         measured = "  ".join(f"{k}={v:.3f}" for k, v in gate.items() if k != "passed")

@@ -213,8 +213,7 @@ def pipeline_curve(args) -> dict:
             print(json.dumps(rows[-1]), flush=True)
 
     cfg = dataclasses.replace(run.cfg.meta, **{"steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
-    data = run.frozen_meta_data() if cfg.cache_stream else run.meta_data()   # the pipeline's: on the stream cache
-    etarl.train_metacontroller(model, data, cfg, args.seed, progress=False, callback=evaluate)
+    etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, callback=evaluate)
     return {"curve": rows}
 
 
