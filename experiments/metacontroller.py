@@ -4,7 +4,8 @@ behind the lab notes (experiments/README.md, section 3).
 Every command runs on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`), prints one line per
 measurement and writes a JSON file. `oracle` and `decoder` can hand the truth (subgoal labels, boundaries, the
 task) to parts of the metacontroller, which the method itself never sees, to find out which part fails; `codes`,
-`replay` and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained. `oracle` and
+`replay` and `rl` analyse and use a label-free metacontroller that `oracle --gate learned --save` trained (or, given
+`pipeline` for ORACLE.json, the pipeline's own, runs/grid-cpu-s0/meta.pt). `oracle` and
 `decoder` take another base model with --base FILE (one saved by `controllers.py scale --save`, such as its
 diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle run's JSON.
 
@@ -62,13 +63,13 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       trains exactly the pipeline's metacontroller; --set changes a field of its MetaConfig (e.g. lr_decay_from).
       About 0.27 s per step on two threads, after about a minute building the stream cache.
 
-  python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell]
+  python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell] [--layer L]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
       noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? With
       --code target-cell the code is instead the cell of the colour the expert heads to (one-hot over the G^2
-      cells): is a place worth more than a name to the steered base model? Also
-      the held-out action NLL of the base model without control and with the preset's supervised layer-2
-      controllers. About 6-7 minutes on one thread.
+      cells): is a place worth more than a name to the steered base model? --layer writes the edit before
+      another block than L/2's. Also the held-out action NLL of the base model without control and with the
+      preset's supervised controllers at the same layer. About 4-7 minutes on one thread.
 """
 import argparse
 import dataclasses
@@ -227,7 +228,10 @@ def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
 def load_saved(oracle_json: str, weights: str | None):
     """The frozen base model (the cpu run's, or the run's --base), held-out episodes and the metacontroller that an
     `oracle --gate learned --save W.pt` run trained (its options read from the JSON it wrote), as a plain
-    etarl.Metacontroller."""
+    etarl.Metacontroller; oracle_json "pipeline" names the cpu run's own instead (runs/grid-cpu-s0/meta.pt)."""
+    if oracle_json == "pipeline":
+        run = etarl.Run("cpu", progress=False)
+        return run, etarl.freeze(run.base_model()[0]), run.data()[1], run.metacontroller()[0]
     spec = json.loads(Path(oracle_json).read_text())["args"]
     if spec.get("command") != "oracle":
         raise SystemExit(f"{oracle_json} was written by `{spec.get('command')}`; give the JSON of an `oracle` run")
@@ -449,7 +453,7 @@ def decoder(args) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = run.meta_eq3 if args.code == "subgoal" else dataclasses.replace(run.meta_eq3, n_z=train.grid_size ** 2)
-    meta = etarl.Metacontroller(model.cfg.d_model, len(model.blocks) // 2, cfg)
+    meta = etarl.Metacontroller(model.cfg.d_model, args.layer or len(model.blocks) // 2, cfg)
     control = lambda data: lambda b, idx: meta.decode(true_code(args.code, data, b, idx, cfg.n_z))   # noise-free
     opt = torch.optim.AdamW(meta.hyper.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
     by_length, history, t = np.argsort(train.lengths, kind="stable"), [], time.time()
@@ -465,7 +469,7 @@ def decoder(args) -> dict:
     out = {"train_time_s": time.time() - t, "train_nll": curve(history),
            "code": args.code, "decoder_nll": held_out_nll(model, test, control(test)),
            "uncontrolled_nll": held_out_nll(model, test, lambda b, idx: None)}
-    ctrl, _ = etarl.train_controllers(model, train, len(model.blocks) // 2, run.cfg.control, args.seed, progress=False)
+    ctrl, _ = etarl.train_controllers(model, train, meta.layer, run.cfg.control, args.seed, progress=False)
     out["supervised_controllers_nll"] = held_out_nll(model, test, lambda b, idx: ctrl(b["subgoal"]))
     print(json.dumps(out), flush=True)
     return out
@@ -519,9 +523,11 @@ if __name__ == "__main__":
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--code", choices=("subgoal", "target-cell"), default="subgoal",
                    help="the clean code: the subgoal's name, or the place the expert heads to")
+    d.add_argument("--layer", type=int, default=0, help="the layer it edits (default: L/2, the metacontroller's)")
     r, c, rp = sub.add_parser("rl"), sub.add_parser("codes"), sub.add_parser("replay")
     for p in (r, c, rp):                              # all three use a metacontroller that `oracle --save` kept
-        p.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote")
+        p.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote, or "
+                                           "`pipeline` for the metacontroller of `python etarl.py`")
         p.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
     r.add_argument("--task", default=etarl.RLConfig.task)
     r.add_argument("--episodes", type=int, default=etarl.RLConfig.episodes, help="episodes per RL run")
