@@ -67,8 +67,8 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
       noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? With
       --code target-cell the code is instead the cell of the colour the expert heads to (one-hot over the G^2
-      cells): is a place worth more than a name to the steered base model? --layer writes the edit before
-      another block than L/2's. Also the held-out action NLL of the base model without control and with the
+      cells): is a place worth more than a name to the steered base model? --layer L writes the edit before
+      block L instead of L/2 (block 2 at the cpu preset). Also the held-out action NLL of the base model without control and with the
       preset's supervised controllers at the same layer. About 4-7 minutes on one thread.
 """
 import argparse
@@ -231,6 +231,10 @@ def load_saved(oracle_json: str, weights: str | None):
     etarl.Metacontroller; oracle_json "pipeline" names the cpu run's own instead (runs/grid-cpu-s0/meta.pt)."""
     if oracle_json == "pipeline":
         run = etarl.Run("cpu", progress=False)
+        if weights or not (run.dir / "meta.pt").exists():   # never retrain it here (27 minutes, other rounding)
+            raise SystemExit("`pipeline` reads the metacontroller of `python etarl.py` from "
+                             f"{run.dir / 'meta.pt'}: " + ("it takes no --weights" if weights else
+                                                           "missing; run `python etarl.py` first"))
         return run, etarl.freeze(run.base_model()[0]), run.data()[1], run.metacontroller()[0]
     spec = json.loads(Path(oracle_json).read_text())["args"]
     if spec.get("command") != "oracle":
@@ -453,7 +457,11 @@ def decoder(args) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = run.meta_eq3 if args.code == "subgoal" else dataclasses.replace(run.meta_eq3, n_z=train.grid_size ** 2)
-    meta = etarl.Metacontroller(model.cfg.d_model, args.layer or len(model.blocks) // 2, cfg)
+    layer = len(model.blocks) // 2 if args.layer is None else args.layer
+    if not 0 <= layer < len(model.blocks):
+        raise SystemExit(f"--layer {layer}: the base model has layers 0 .. {len(model.blocks) - 1} (an edit before "
+                         "that block)")
+    meta = etarl.Metacontroller(model.cfg.d_model, layer, cfg)
     control = lambda data: lambda b, idx: meta.decode(true_code(args.code, data, b, idx, cfg.n_z))   # noise-free
     opt = torch.optim.AdamW(meta.hyper.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
     by_length, history, t = np.argsort(train.lengths, kind="stable"), [], time.time()
@@ -466,7 +474,7 @@ def decoder(args) -> dict:
         torch.nn.utils.clip_grad_norm_(meta.hyper.parameters(), 1.0)
         opt.step()
         history.append(loss.item())
-    out = {"train_time_s": time.time() - t, "train_nll": curve(history),
+    out = {"train_time_s": time.time() - t, "train_nll": curve(history), "layer": layer,
            "code": args.code, "decoder_nll": held_out_nll(model, test, control(test)),
            "uncontrolled_nll": held_out_nll(model, test, lambda b, idx: None)}
     ctrl, _ = etarl.train_controllers(model, train, meta.layer, run.cfg.control, args.seed, progress=False)
@@ -523,9 +531,11 @@ if __name__ == "__main__":
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--code", choices=("subgoal", "target-cell"), default="subgoal",
                    help="the clean code: the subgoal's name, or the place the expert heads to")
-    d.add_argument("--layer", type=int, default=0, help="the layer it edits (default: L/2, the metacontroller's)")
+    d.add_argument("--layer", type=int, default=None,
+                   help="edit the stream before this block (default: L/2, where the metacontroller writes)")
     r, c, rp = sub.add_parser("rl"), sub.add_parser("codes"), sub.add_parser("replay")
-    for p in (r, c, rp):                              # all three use a metacontroller that `oracle --save` kept
+    for p in (r, c, rp):                              # all three use a saved metacontroller (`oracle --save`, or
+                                                      # the pipeline's)
         p.add_argument("oracle_json", help="the JSON an `oracle --gate learned --save W.pt` run wrote, or "
                                            "`pipeline` for the metacontroller of `python etarl.py`")
         p.add_argument("--weights", default=None, help="its saved weights (default: the --save path it names)")
