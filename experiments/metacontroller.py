@@ -64,12 +64,12 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       About 0.27 s per step on two threads, after about a minute building the stream cache.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell] [--layer L]
-      the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no
-      noise, no KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? With
-      --code target-cell the code is instead the cell of the colour the expert heads to (one-hot over the G^2
-      cells): is a place worth more than a name to the steered base model? --layer L writes the edit before
-      block L instead of L/2 (block 2 at the cpu preset). Also the held-out action NLL of the base model without control and with the
-      preset's supervised controllers at the same layer. About 4-7 minutes on one thread.
+      the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no noise, no
+      KL), trained by action NLL: can the decoder express what knowing the subgoal is worth? With --code
+      target-cell the code is instead the cell of the colour the expert heads to (one-hot over the G^2 cells): is
+      a place worth more than a name to the steered base model? --layer L writes the edit before block L instead
+      of L/2 (block 2 at the cpu preset). Also the held-out action NLL of the base model without control and with
+      the preset's supervised controllers at the same layer. About 4-7 minutes on one thread.
 """
 import argparse
 import dataclasses
