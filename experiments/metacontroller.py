@@ -56,11 +56,12 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       on one thread, and about 4 more minutes per task with --fit-steps 200 on 0-1-2-3.
 
   python experiments/metacontroller.py curve [--steps 0] [--every 500] [--episodes 500] [--seed 0] [--threads 1]
-                                             [--set FIELD=VALUE]
+                                             [--set FIELD=VALUE] [--resume]
       the pipeline's own metacontroller (`python etarl.py`'s: the cpu preset's MetaConfig, seeded the same way) on
       the cpu run's base model, with switch F1, switches per episode, quasi-binary beta, purity, NLL and KL on the
       first --episodes held-out episodes every --every steps. With --threads 2 (the pipeline's, on this machine) it
-      trains exactly the pipeline's metacontroller; --set changes a field of its MetaConfig (e.g. lr_decay_from).
+      trains exactly the pipeline's metacontroller; --set changes a field of its MetaConfig (e.g. lr_decay_from);
+      --resume trains on from the pipeline's trained metacontroller (e.g. at another alpha) instead of a new one.
       About 0.27 s per step on two threads, after about a minute building the stream cache.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell] [--layer L]
@@ -199,7 +200,10 @@ def oracle(args) -> dict:
 def pipeline_curve(args) -> dict:
     """The pipeline's own metacontroller (Run.metacontroller's training: the preset's MetaConfig, seeded the same
     way) on the cpu run's base model, with its switching statistics on the first --episodes held-out episodes
-    every --every steps. Evaluating does not change the training (a test checks this)."""
+    every --every steps. Evaluating does not change the training (a test checks this). With --resume the
+    training goes on from the pipeline's trained metacontroller (its weights; a fresh optimiser) instead of a new
+    one, with the preset's MetaConfig changed by --set for the training (alpha and its schedule, steps, lr, batch),
+    and its statistics are printed at step 0 too."""
     run = etarl.Run("cpu", progress=False)
     model, test = etarl.freeze(run.base_model()[0]), run.data()[1]
     held_out, rows, t = test.subset(np.arange(args.episodes)), [], time.time()
@@ -214,7 +218,10 @@ def pipeline_curve(args) -> dict:
             print(json.dumps(rows[-1]), flush=True)
 
     cfg = dataclasses.replace(run.cfg.meta, **{"steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
-    etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, callback=evaluate)
+    meta = load_saved("pipeline", None)[3] if args.resume else None
+    if meta is not None:
+        evaluate(0, meta)
+    etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, meta=meta, callback=evaluate)
     return {"curve": rows}
 
 
@@ -554,6 +561,8 @@ if __name__ == "__main__":
                     help="also replay codes fitted to the expert's actions by this many Adam steps (fit_codes)")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     cv.add_argument("--seed", type=int, default=0, help="the metacontroller's seed (the base model is seed 0's)")
+    cv.add_argument("--resume", action="store_true",
+                    help="train on from the pipeline's trained metacontroller (runs/grid-cpu-s0/meta.pt)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (`controllers.py "
