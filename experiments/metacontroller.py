@@ -218,8 +218,8 @@ def pipeline_curve(args) -> dict:
             print(json.dumps(rows[-1]), flush=True)
 
     cfg = dataclasses.replace(run.cfg.meta, **{"steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
-    meta = load_saved("pipeline", None)[3] if args.resume else None
-    if meta is not None:
+    meta = pipeline_meta(run) if args.resume else None
+    if args.resume:
         evaluate(0, meta)
     etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, meta=meta, callback=evaluate)
     return {"curve": rows}
@@ -232,17 +232,23 @@ def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
                                                 "logvar_init": args["logvar_bias"], **dict(args["set"])})
 
 
+def pipeline_meta(run: etarl.Run) -> etarl.Metacontroller:
+    """The metacontroller of `python etarl.py` (the run folder's meta.pt), which is never retrained here (that
+    takes about 27 minutes, and on other threads its float rounding, so its result, would differ)."""
+    if not (run.dir / "meta.pt").exists():
+        raise SystemExit(f"{run.dir / 'meta.pt'} is missing: run `python etarl.py` first")
+    return run.metacontroller()[0]
+
+
 def load_saved(oracle_json: str, weights: str | None):
     """The frozen base model (the cpu run's, or the run's --base), held-out episodes and the metacontroller that an
     `oracle --gate learned --save W.pt` run trained (its options read from the JSON it wrote), as a plain
     etarl.Metacontroller; oracle_json "pipeline" names the cpu run's own instead (runs/grid-cpu-s0/meta.pt)."""
     if oracle_json == "pipeline":
+        if weights:
+            raise SystemExit("`pipeline` is the metacontroller of `python etarl.py`; it takes no --weights")
         run = etarl.Run("cpu", progress=False)
-        if weights or not (run.dir / "meta.pt").exists():   # never retrain it here (27 minutes, other rounding)
-            raise SystemExit("`pipeline` reads the metacontroller of `python etarl.py` from "
-                             f"{run.dir / 'meta.pt'}: " + ("it takes no --weights" if weights else
-                                                           "missing; run `python etarl.py` first"))
-        return run, etarl.freeze(run.base_model()[0]), run.data()[1], run.metacontroller()[0]
+        return run, etarl.freeze(run.base_model()[0]), run.data()[1], pipeline_meta(run)
     spec = json.loads(Path(oracle_json).read_text())["args"]
     if spec.get("command") != "oracle":
         raise SystemExit(f"{oracle_json} was written by `{spec.get('command')}`; give the JSON of an `oracle` run")
