@@ -218,8 +218,9 @@ def pipeline_curve(args) -> dict:
             print(json.dumps(rows[-1]), flush=True)
 
     cfg = dataclasses.replace(run.cfg.meta, **{"steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
-    meta = pipeline_meta(run) if args.resume else None
+    meta = None
     if args.resume:
+        meta = pipeline_meta(run)
         evaluate(0, meta)
     etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, meta=meta, callback=evaluate)
     return {"curve": rows}
@@ -490,7 +491,7 @@ def decoder(args) -> dict:
     out = {"train_time_s": time.time() - t, "train_nll": curve(history), "layer": layer,
            "code": args.code, "decoder_nll": held_out_nll(model, test, control(test)),
            "uncontrolled_nll": held_out_nll(model, test, lambda b, idx: None)}
-    ctrl, _ = etarl.train_controllers(model, train, meta.layer, run.cfg.control, args.seed, progress=False)
+    ctrl, _ = etarl.train_controllers(model, train, layer, run.cfg.control, args.seed, progress=False)
     out["supervised_controllers_nll"] = held_out_nll(model, test, lambda b, idx: ctrl(b["subgoal"]))
     print(json.dumps(out), flush=True)
     return out
