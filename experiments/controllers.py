@@ -1,7 +1,7 @@
 """Why the supervised controllers fail on the gridworld: the experiments behind the lab notes
 (experiments/README.md, section 2).
 
-Five commands, each printing one line per measurement and writing a JSON file:
+Six commands, each printing one line per measurement and writing a JSON file:
 
   python experiments/controllers.py variants --layer 2 --rank 0 --lr 1e-3 --steps 600 [--loss-on first]
       on the cached cpu run (runs/grid-cpu-s0, made by `python etarl.py`): one set of supervised
@@ -46,6 +46,12 @@ Five commands, each printing one line per measurement and writing a JSON file:
       one pair after a transition that pretraining never shows and after two that it shows: the preset's
       controllers on 0-1-2-3, 6-7-2-3 and 4-5-2-3 (500 episodes each), and the colour the episodes that fail at
       colour 2 stepped onto instead. A few minutes.
+
+  python experiments/controllers.py ways [--since 0] [--base FILE]
+      whether the residual stream holds the way to every colour or only to those the history allows: at each
+      layer, linear probes of the shortest-path moves towards a colour c at the first steps of pairs that follow
+      another pair, one per colour and relation of c to the step (the target; the other pair the history allows;
+      the pair pretraining never shows there; the pair just done). 15 seconds.
 
   python experiments/controllers.py failures [--eps 0.1 --action-loss shortest]
       where episodes fail: the rate of failing at each colour of the task among the episodes that reach it, with
@@ -348,6 +354,97 @@ def transitions(args) -> dict:
     return out
 
 
+RELATIONS = ("target", "other allowed", "ruled out, unseen next", "ruled out, pair just done")
+
+
+def pair_starts(data: etarl.Episodes, since: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps at most `since` steps into a pair that follows another pair, and the pair completed just before:
+    (N, Tmax) bool and (N, Tmax) pair id (-1 where none is completed yet)."""
+    target, m = data.target, np.arange(data.target.shape[1]) < data.lengths[:, None]
+    steps_in, prev, done = np.zeros_like(target), np.full_like(target, -1), np.full(len(target), -1)
+    for t in range(1, target.shape[1]):
+        new = target[:, t] != target[:, t - 1]
+        done = np.where(new & (target[:, t] % 2 == 0), target[:, t - 1] // 2, done)
+        steps_in[:, t] = np.where(new, 0, steps_in[:, t - 1] + 1)
+        prev[:, t] = done
+    return m & (target % 2 == 0) & (prev >= 0) & (steps_in <= since), prev
+
+
+def ways(args) -> dict:
+    """Is the way to every colour in the residual stream, or only the way to the colours the history allows?
+    For each layer and colour c, a linear probe (softmax over the 4 moves, loss -ln p(moves on a shortest path
+    to c), avoiding walls and the other colours) is fitted on the held-out episodes' first half and scored on the
+    second as its probability on those moves, at the first --since + 1 steps of a pair that follows another pair.
+    One probe per colour and relation of c to the step: c is the target; the first colour of the other pair that
+    pretraining allows after the pair just done; of the pair it never shows there (the post-training task's
+    transition); of the pair just done. The layout fixes every way, so the probes differ only in what the stream
+    has computed of it."""
+    run = etarl.Run("cpu", progress=False)
+    model, test = base_model(run, args.base), run.data()[1]
+    follows = np.zeros((4, 4), bool)                              # [p, q]: pair q follows pair p in pretraining
+    for task in envs.GRID_PRETRAIN_TASKS:
+        follows[np.array(task[0:-2:2]) // 2, np.array(task[2::2]) // 2] = True
+    out = etarl.collect(model, test)
+    m = np.arange(test.target.shape[1]) < test.lengths[:, None]
+    ep, t = np.nonzero(m)                                         # the valid steps, in collect's order
+    agent, target, O = test.agent[ep, t], test.target[ep, t], test.colour_cells.shape[1]
+    dist = envs.colour_distances(test.colour_cells, test.wall_cells, test.grid_size)[ep]   # (n, O, G*G)
+    nxt = envs._move(agent[:, None], np.arange(4), test.wall_cells[ep][:, None, :], test.grid_size)   # (n, 4)
+    d_here = np.take_along_axis(dist, agent[:, None, None].repeat(O, 1), 2)                # (n, O, 1)
+    d_next = np.take_along_axis(dist, nxt[:, None, :].repeat(O, 1), 2)                     # (n, O, 4)
+    onto = test.colour_cells[ep][:, None, None, :] == nxt[:, None, :, None]                # (n, 1, 4, O)
+    onto_other = (onto & (np.arange(O)[:, None, None] != np.arange(O))[None]).any(-1)      # (n, O, 4)
+    way = (d_next == d_here - 1) & (nxt != agent[:, None])[:, None] & ~onto_other          # (n, O, 4)
+    way &= (d_here < envs.unreachable(test.grid_size))
+    starts, prev = (x[ep, t] for x in pair_starts(test, args.since))
+    relation = np.full((len(ep), O), "", object)
+    c = np.arange(O)[None]
+    allowed = follows[prev.clip(0)][:, c[0] // 2]                                          # (n, O)
+    first_colour = starts[:, None] & (c % 2 == 0) & way.any(-1)
+    relation[first_colour & (c == target[:, None])] = RELATIONS[0]
+    relation[first_colour & (c != target[:, None]) & allowed] = RELATIONS[1]
+    relation[first_colour & ~allowed & (c // 2 != prev[:, None])] = RELATIONS[2]
+    relation[first_colour & (c // 2 == prev[:, None])] = RELATIONS[3]
+    half = ep >= len(test) // 2
+    result = {"steps per relation (second half)": {r: int(((relation == r) & half[:, None]).sum()) for r in RELATIONS},
+              "model, on the target's way": float((out["probs"].numpy() * way[np.arange(len(ep)), target])
+                                                  .sum(-1)[starts & half].mean())}
+    for l, x in enumerate(out["residuals"]):
+        mass = {}
+        for r in RELATIONS:
+            total = 0.0
+            for k in range(O):
+                fit, score = (relation[:, k] == r) & ~half, (relation[:, k] == r) & half
+                if fit.sum() >= 30:
+                    total += probe_way_mass(x[fit], way[fit, k], x[score], way[score, k]).sum()
+            mass[r] = float(total) / result["steps per relation (second half)"][r]
+        result[f"layer {l}"] = mass
+        print(f"layer {l}", json.dumps({k: round(v, 3) for k, v in mass.items()}), flush=True)
+    print("model", result["model, on the target's way"])
+    return result
+
+
+def probe_way_mass(x_fit, way_fit, x_score, way_score) -> np.ndarray:
+    """A linear softmax probe over the moves fitted by -ln p(way) (LBFGS on standardised features); its
+    probability on the way at each scored step."""
+    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-5
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x_fit.shape[1], 4)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+    way_fit, way_score = torch.as_tensor(way_fit), torch.as_tensor(way_score)
+
+    def closure():
+        opt.zero_grad()
+        nll = -etarl.shortest_path_log_prob(probe((x_fit - mean) / std), way_fit).mean()
+        loss = nll + 1e-4 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (probe((x_score - mean) / std).softmax(-1) * way_score).sum(-1).numpy()
+
+
 def failure_rates(progress: np.ndarray, success: np.ndarray, length: int) -> list:
     """For each colour k of a task: of the episodes that reached it, the fraction that ended there unsolved."""
     reached = np.array([(progress >= k).sum() for k in range(length)])
@@ -585,15 +682,18 @@ if __name__ == "__main__":
                    help="factored: the diagnostic Factored model (the hierarchy built in), not the paper's")
     s.add_argument("--seed", type=int, default=0, help="the model's initialisation and the batches (the data stay)")
     s.add_argument("--save", default=None, help="save the trained base model to this file")
+    w = sub.add_parser("ways")
+    w.add_argument("--since", type=int, default=0, help="score the first SINCE + 1 steps of each pair")
+    w.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     f = sub.add_parser("failures")
     f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")
     f.add_argument("--action-loss", choices=("expert", "shortest"), default="expert",
                    help="its action loss (PretrainConfig.action_loss)")
-    for p in (v, s, f, h, t):
+    for p in (v, s, f, h, t, w):
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
     commands = {"variants": variants, "scale": scale, "history": history, "failures": failures,
-                "transitions": transitions}
+                "transitions": transitions, "ways": ways}
     result = {"args": vars(args), **commands[args.command](args)}
     path = args.out or f"experiments/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     Path(path).write_text(json.dumps(result, indent=1))
