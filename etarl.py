@@ -1667,6 +1667,14 @@ def train_metacontroller(model: BaseModel, data: Episodes | StreamCache, cfg: Me
     return meta.eval(), history
 
 
+def evaluation_batches(lengths: np.ndarray, batch_size: int = 256, max_steps: int = 25_600) -> list[np.ndarray]:
+    """Consecutive episodes in batches of at most batch_size episodes and max_steps padded steps (B x T), for
+    evaluation passes: a full-rank decoder's edit holds B x T x J x D floats per batch, 1.6 GB for the ant's 200
+    held-out episodes at once. Grid batches (T <= 100) keep all batch_size episodes."""
+    size = max(1, min(batch_size, max_steps // int(lengths.max())))
+    return [np.arange(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
+
+
 @torch.no_grad()
 def meta_outputs(model: BaseModel, meta: Metacontroller, data: Episodes, batch_size: int = 256) -> dict:
     """beta, the switch probability, z (posterior means) and labels on every step of `data`, as padded numpy
@@ -1674,8 +1682,7 @@ def meta_outputs(model: BaseModel, meta: Metacontroller, data: Episodes, batch_s
     device = next(model.parameters()).device
     T = int(data.lengths.max())
     keep = {"beta": [], "switch_prob": [], "z": [], "nll": [], "kl": []}
-    for i in range(0, len(data), batch_size):
-        idx = np.arange(i, min(i + batch_size, len(data)))
+    for idx in evaluation_batches(data.lengths, batch_size):
         b = data.batch(idx, device)
         out = meta_loss(model, meta, b, meta.cfg.alpha, sample=False)
         pad = T - b["mask"].shape[1]
@@ -2000,8 +2007,8 @@ def evaluate_compile(model: BaseModel, cpl: CompILE, data: Episodes, batch_size:
     RL uses) line up with the true subgoal boundaries, scored like the metacontroller's switches."""
     device, T = next(model.parameters()).device, int(data.lengths.max())
     betas, sums = [], {"action_nll": 0.0, "kl_z": 0.0, "kl_b": 0.0}
-    for i in range(0, len(data), batch_size):
-        b = data.batch(np.arange(i, min(i + batch_size, len(data))), device)
+    for idx in evaluation_batches(data.lengths, batch_size):
+        b = data.batch(idx, device)
         out = compile_loss(model, cpl, b, sample=False)
         for k in sums:
             sums[k] += out[k].item() * b["mask"].sum().item()

@@ -726,6 +726,22 @@ def test_metacontroller_loss_ignores_padding(data):
     torch.testing.assert_close(a["kl"], b["kl"])
 
 
+def test_metacontroller_evaluation_does_not_depend_on_its_batches(data):
+    """meta_outputs split into batches of a few episodes (as a step budget splits the ant's) gives what one batch
+    gives on every valid step: the same beta and z, and the same means over those steps; the batches cover every
+    episode once."""
+    model = etarl.freeze(_model())
+    meta, test = _meta(model).eval(), data[1].subset(np.arange(20))
+    whole, split = etarl.meta_outputs(model, meta, test), etarl.meta_outputs(model, meta, test, batch_size=3)
+    m = whole["mask"]
+    for k in ("beta", "z"):
+        np.testing.assert_allclose(whole[k][m], split[k][m], atol=1e-5)
+    for k in ("action_nll", "kl"):
+        assert whole[k] == pytest.approx(split[k], rel=1e-5)
+    batches = etarl.evaluation_batches(np.array([500] * 200), max_steps=25_600)
+    assert max(map(len, batches)) == 51 and np.array_equal(np.concatenate(batches), np.arange(200))
+
+
 def test_per_step_embedding_reads_the_future_and_ignores_padding():
     """MetaConfig(per_step_embedding=True): s_t changes when a later step changes, not when padding does; the
     default s is one vector for the whole episode."""

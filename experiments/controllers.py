@@ -338,19 +338,40 @@ def history(args) -> dict:
 def transitions(args) -> dict:
     """One pair after a transition that pretraining never shows and after two that it shows: the preset's
     controllers at --layer (trained on the cpu run's training episodes, seed 0) on 0-1-2-3, 6-7-2-3 and 4-5-2-3,
-    500 sampled episodes each; for the episodes that fail at colour 2, the colour they stepped onto instead."""
+    --episodes sampled episodes each; for the episodes that fail at colour 2, the colour they stepped onto instead;
+    and for those that reach colour 2, how often they pass it when the way there needs a detour and when it
+    does not (`detour_needed`)."""
     run = etarl.Run("cpu", progress=False)
     model, train = base_model(run, args.base), run.data()[0]
     ctrl, _ = etarl.train_controllers(model, train, args.layer, run.cfg.control, seed=0, progress=False)
-    out = {}
+    out, n = {}, args.episodes
     for task in ("0-1-2-3", "6-7-2-3", "4-5-2-3"):
-        r = etarl.rollout(model, envs.parse_task(task), 500, 1, etarl.subgoal_control_fn(ctrl), record=True)
-        onto = r["colour_cells"] == r["agent"][np.arange(500), r["length"]][:, None]   # (n, O): where it ended
+        r = etarl.rollout(model, envs.parse_task(task), n, 1, etarl.subgoal_control_fn(ctrl), record=True)
+        onto = r["colour_cells"] == r["agent"][np.arange(n), r["length"]][:, None]   # (n, O): where it ended
         failed = (r["progress"] == 2) & ~r["success"]
+        detour, reached = detour_needed(r, envs.parse_task(task), 2), r["progress"] >= 2
         out[task] = {"success": float(r["success"].mean()), "failed at colour 2": int(failed.sum()),
                      "of those, stepped onto colour 0-7": onto[failed].sum(0).tolist(),
-                     "of those, on no colour (time out)": int((~onto[failed].any(1)).sum())}
+                     "of those, on no colour (time out)": int((~onto[failed].any(1)).sum()),
+                     **{f"reached colour 2, {name}": [int(k.sum()), float((r["progress"][k] >= 3).mean())]
+                        for name, k in (("detour needed: n, passed it", reached & detour),
+                                        ("no detour: n, passed it", reached & ~detour))}}
         print(task, json.dumps(out[task]), flush=True)
+    return out
+
+
+def detour_needed(r: dict, task: tuple, k: int, G: int = 7) -> np.ndarray:
+    """For each recorded episode that reached colour k of the task (having entered colour k-1's cell): whether the
+    shortest way from there to colour k, around walls and the other colours, is longer than the Manhattan distance
+    between the cells, so that heading straight for the cell is not enough. False where colour k was not reached."""
+    out = np.zeros(len(r["progress"]), bool)
+    for i in np.flatnonzero(r["progress"] >= k):
+        t = -1
+        for colour in task[:k]:                                       # the step at which each colour was entered
+            t += 1 + int(np.argmax(r["agent"][i, t + 1:] == r["colour_cells"][i, colour]))
+        here, there = r["agent"][i, t], r["colour_cells"][i, task[k]]
+        dist = envs.colour_distances(r["colour_cells"][i], r["wall_cells"][i], G)[task[k], here]
+        out[i] = dist > abs(here // G - there // G) + abs(here % G - there % G)
     return out
 
 
@@ -664,6 +685,7 @@ if __name__ == "__main__":
                    help="apply the controllers inside block --layer, after its attention, before its MLP (EditInside)")
     t = sub.add_parser("transitions")
     t.add_argument("--layer", type=int, default=2)
+    t.add_argument("--episodes", type=int, default=500, help="episodes per task")
     t.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     h = sub.add_parser("history")
     h.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. saved by `scale`)")
