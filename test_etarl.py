@@ -728,8 +728,7 @@ def test_metacontroller_loss_ignores_padding(data):
 
 def test_metacontroller_evaluation_does_not_depend_on_its_batches(data):
     """meta_outputs split into batches of a few episodes (as a step budget splits the ant's) gives what one batch
-    gives on every valid step: the same beta and z, and the same means over those steps; the batches cover every
-    episode once."""
+    gives on every valid step: the same beta and z, and the same means over those steps."""
     model = etarl.freeze(_model())
     meta, test = _meta(model).eval(), data[1].subset(np.arange(20))
     whole, split = etarl.meta_outputs(model, meta, test), etarl.meta_outputs(model, meta, test, batch_size=3)
@@ -738,8 +737,15 @@ def test_metacontroller_evaluation_does_not_depend_on_its_batches(data):
         np.testing.assert_allclose(whole[k][m], split[k][m], atol=1e-5)
     for k in ("action_nll", "kl"):
         assert whole[k] == pytest.approx(split[k], rel=1e-5)
-    batches = etarl.evaluation_batches(np.array([500] * 200), max_steps=25_600)
-    assert max(map(len, batches)) == 51 and np.array_equal(np.concatenate(batches), np.arange(200))
+
+
+def test_evaluation_batches_cover_every_episode_once_within_the_step_budget():
+    """Long episodes (the ant's 500 steps) shrink the batches to the step budget; short ones keep batch_size."""
+    long = etarl.evaluation_batches(np.array([500] * 200), batch_size=256, max_steps=25_600)
+    short = etarl.evaluation_batches(np.array([100] * 600), batch_size=256, max_steps=25_600)
+    assert [len(b) for b in long] == [51, 51, 51, 47] and [len(b) for b in short] == [256, 256, 88]
+    for batches, n in ((long, 200), (short, 600)):
+        assert np.array_equal(np.concatenate(batches), np.arange(n))
 
 
 def test_per_step_embedding_reads_the_future_and_ignores_padding():

@@ -42,10 +42,11 @@ Six commands, each printing one line per measurement and writing a JSON file:
       first- and second-colour steps; also the model's shortest-path mass by the number of steps since the
       current target began. About a minute.
 
-  python experiments/controllers.py transitions [--base FILE] [--layer 2]
+  python experiments/controllers.py transitions [--base FILE] [--layer 2] [--episodes 500] [--orders all]
       one pair after a transition that pretraining never shows and after two that it shows: the preset's
-      controllers on 0-1-2-3, 6-7-2-3 and 4-5-2-3 (500 episodes each), and the colour the episodes that fail at
-      colour 2 stepped onto instead. A few minutes.
+      controllers on 0-1-2-3, 6-7-2-3 and 4-5-2-3 (500 episodes each), the colour the episodes that fail at
+      colour 2 stepped onto instead, and how often those that reach colour 2 pass it when its way needs a detour
+      and when it does not. With --orders all the controllers train on every order of three pairs. A few minutes.
 
   python experiments/controllers.py ways [--since 0] [--base FILE]
       whether the residual stream holds the way to every colour or only to those the history allows: at each
@@ -337,12 +338,14 @@ def history(args) -> dict:
 
 def transitions(args) -> dict:
     """One pair after a transition that pretraining never shows and after two that it shows: the preset's
-    controllers at --layer (trained on the cpu run's training episodes, seed 0) on 0-1-2-3, 6-7-2-3 and 4-5-2-3,
+    controllers at --layer (trained on the cpu run's training episodes, seed 0; with --orders all on episodes in
+    every order of three pairs, where 0-1 is followed by 2-3 too) on 0-1-2-3, 6-7-2-3 and 4-5-2-3,
     --episodes sampled episodes each; for the episodes that fail at colour 2, the colour they stepped onto instead;
     and for those that reach colour 2, how often they pass it when the way there needs a detour and when it
     does not (`detour_needed`)."""
     run = etarl.Run("cpu", progress=False)
-    model, train = base_model(run, args.base), run.data()[0]
+    model = base_model(run, args.base)
+    train = every_order(200_000, 10**8, 0.0) if args.orders == "all" else run.data()[0]
     ctrl, _ = etarl.train_controllers(model, train, args.layer, run.cfg.control, seed=0, progress=False)
     out, n = {}, args.episodes
     for task in ("0-1-2-3", "6-7-2-3", "4-5-2-3"):
@@ -364,14 +367,15 @@ def detour_needed(r: dict, task: tuple, k: int, G: int = 7) -> np.ndarray:
     """For each recorded episode that reached colour k of the task (having entered colour k-1's cell): whether the
     shortest way from there to colour k, around walls and the other colours, is longer than the Manhattan distance
     between the cells, so that heading straight for the cell is not enough. False where colour k was not reached."""
-    out = np.zeros(len(r["progress"]), bool)
+    if not 1 <= k < len(task):
+        raise ValueError(f"colour k = {k} of a task of {len(task)} has no colour before it in the task")
+    out, dist = np.zeros(len(r["progress"]), bool), envs.colour_distances(r["colour_cells"], r["wall_cells"], G)
     for i in np.flatnonzero(r["progress"] >= k):
         t = -1
         for colour in task[:k]:                                       # the step at which each colour was entered
             t += 1 + int(np.argmax(r["agent"][i, t + 1:] == r["colour_cells"][i, colour]))
-        here, there = r["agent"][i, t], r["colour_cells"][i, task[k]]
-        dist = envs.colour_distances(r["colour_cells"][i], r["wall_cells"][i], G)[task[k], here]
-        out[i] = dist > abs(here // G - there // G) + abs(here % G - there % G)
+        here, there = int(r["agent"][i, t]), int(r["colour_cells"][i, task[k]])
+        out[i] = dist[i, task[k], here] > abs(here // G - there // G) + abs(here % G - there % G)
     return out
 
 
@@ -379,10 +383,10 @@ RELATIONS = ("target", "other allowed", "ruled out, unseen next", "ruled out, pa
 
 
 def pair_starts(data: etarl.Episodes, since: int) -> tuple[np.ndarray, np.ndarray]:
-    """Steps at most `since` steps into a pair that follows another pair, and the pair completed just before:
-    (N, Tmax) bool and (N, Tmax) pair id (-1 where none is completed yet)."""
+    """Steps heading for the first colour of a pair that follows another pair, at most `since` steps after that pair
+    began, and the pair completed just before: (N, Tmax) bool and (N, Tmax) pair id (-1 before the first is done)."""
     target, m = data.target, np.arange(data.target.shape[1]) < data.lengths[:, None]
-    steps_in, prev, done = np.zeros_like(target), np.full_like(target, -1), np.full(len(target), -1)
+    steps_in, prev, done = np.zeros(target.shape, int), np.full(target.shape, -1), np.full(len(target), -1)
     for t in range(1, target.shape[1]):
         new = target[:, t] != target[:, t - 1]
         done = np.where(new & (target[:, t] % 2 == 0), target[:, t - 1] // 2, done)
@@ -391,54 +395,62 @@ def pair_starts(data: etarl.Episodes, since: int) -> tuple[np.ndarray, np.ndarra
     return m & (target % 2 == 0) & (prev >= 0) & (steps_in <= since), prev
 
 
+def ways_to_colours(data: etarl.Episodes, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(n, O, 4) bool: at step t[i] of episode ep[i], the moves on a shortest path to each colour c around the walls
+    and the other colours: what the expert's `optimal` label marks for the target, for every colour at once."""
+    G, O, colours = data.grid_size, data.colour_cells.shape[1], data.colour_cells[ep]
+    agent = data.agent[ep, t].astype(int)
+    dist = envs.colour_distances(data.colour_cells, data.wall_cells, G)[ep]              # (n, O, G*G)
+    nxt = envs._move(agent[:, None], np.arange(4), data.wall_cells[ep][:, None, :], G)    # (n, 4)
+    d_here = np.take_along_axis(dist, agent[:, None, None].repeat(O, 1), 2)               # (n, O, 1)
+    d_next = np.take_along_axis(dist, nxt[:, None, :].repeat(O, 1), 2)                    # (n, O, 4)
+    onto = colours[:, None, None, :] == nxt[:, None, :, None]                              # (n, 1, 4, O'): enters O'
+    other = np.arange(O)[:, None, None] != np.arange(O)                                    # (O, 1, O'): O' is not c
+    return (d_next == d_here - 1) & (nxt != agent[:, None])[:, None] & ~(onto & other).any(-1)
+
+
 def ways(args) -> dict:
-    """Is the way to every colour in the residual stream, or only the way to the colours the history allows?
-    For each layer and colour c, a linear probe (softmax over the 4 moves, loss -ln p(moves on a shortest path
-    to c), avoiding walls and the other colours) is fitted on the held-out episodes' first half and scored on the
-    second as its probability on those moves, at the first --since + 1 steps of a pair that follows another pair.
-    One probe per colour and relation of c to the step: c is the target; the first colour of the other pair that
-    pretraining allows after the pair just done; of the pair it never shows there (the post-training task's
-    transition); of the pair just done. The layout fixes every way, so the probes differ only in what the stream
-    has computed of it."""
+    """Is the way to every colour in the residual stream, or only the way to some? For each layer and colour c, a
+    linear probe (softmax over the 4 moves, loss -ln p(moves on a shortest path to c)) is fitted on the held-out
+    episodes' first half and scored on the second as its probability on those moves, at the first --since + 1
+    steps of a pair that follows another pair. One probe per colour and relation of c to the step (RELATIONS): c is
+    the target; the first colour of the other pair that pretraining allows after the pair just done; of the pair
+    it never shows there (the post-training task's transition); of the pair just done (its way retraces the
+    agent's last moves). The layout fixes every way, so the probes differ in what the stream has computed of it."""
     run = etarl.Run("cpu", progress=False)
     model, test = base_model(run, args.base), run.data()[1]
     follows = np.zeros((4, 4), bool)                              # [p, q]: pair q follows pair p in pretraining
     for task in envs.GRID_PRETRAIN_TASKS:
         follows[np.array(task[0:-2:2]) // 2, np.array(task[2::2]) // 2] = True
     out = etarl.collect(model, test)
-    m = np.arange(test.target.shape[1]) < test.lengths[:, None]
-    ep, t = np.nonzero(m)                                         # the valid steps, in collect's order
-    agent, target, O = test.agent[ep, t], test.target[ep, t], test.colour_cells.shape[1]
-    dist = envs.colour_distances(test.colour_cells, test.wall_cells, test.grid_size)[ep]   # (n, O, G*G)
-    nxt = envs._move(agent[:, None], np.arange(4), test.wall_cells[ep][:, None, :], test.grid_size)   # (n, 4)
-    d_here = np.take_along_axis(dist, agent[:, None, None].repeat(O, 1), 2)                # (n, O, 1)
-    d_next = np.take_along_axis(dist, nxt[:, None, :].repeat(O, 1), 2)                     # (n, O, 4)
-    onto = test.colour_cells[ep][:, None, None, :] == nxt[:, None, :, None]                # (n, 1, 4, O)
-    onto_other = (onto & (np.arange(O)[:, None, None] != np.arange(O))[None]).any(-1)      # (n, O, 4)
-    way = (d_next == d_here - 1) & (nxt != agent[:, None])[:, None] & ~onto_other          # (n, O, 4)
-    way &= (d_here < envs.unreachable(test.grid_size))
+    ep, t = np.nonzero(np.arange(test.target.shape[1]) < test.lengths[:, None])   # valid steps, in collect's order
+    n, target, O = len(ep), test.target[ep, t], test.colour_cells.shape[1]
+    way = ways_to_colours(test, ep, t)
+    assert np.array_equal(way[np.arange(n), target], test.optimal[ep, t]), "the ways disagree with the expert's labels"
     starts, prev = (x[ep, t] for x in pair_starts(test, args.since))
-    relation = np.full((len(ep), O), "", object)
     c = np.arange(O)[None]
     allowed = follows[prev.clip(0)][:, c[0] // 2]                                          # (n, O)
     first_colour = starts[:, None] & (c % 2 == 0) & way.any(-1)
-    relation[first_colour & (c == target[:, None])] = RELATIONS[0]
-    relation[first_colour & (c != target[:, None]) & allowed] = RELATIONS[1]
-    relation[first_colour & ~allowed & (c // 2 != prev[:, None])] = RELATIONS[2]
-    relation[first_colour & (c // 2 == prev[:, None])] = RELATIONS[3]
+    relation = np.full((n, O), -1)                                # index into RELATIONS; -1: not scored
+    relation[first_colour & (c == target[:, None])] = 0
+    relation[first_colour & (c != target[:, None]) & allowed] = 1
+    relation[first_colour & ~allowed & (c // 2 != prev[:, None])] = 2
+    relation[first_colour & (c // 2 == prev[:, None])] = 3
     half = ep >= len(test) // 2
-    result = {"steps per relation (second half)": {r: int(((relation == r) & half[:, None]).sum()) for r in RELATIONS},
-              "model, on the target's way": float((out["probs"].numpy() * way[np.arange(len(ep)), target])
+    result = {"steps per relation (second half)": {r: int(((relation == i) & half[:, None]).sum())
+                                                   for i, r in enumerate(RELATIONS)},
+              "model, on the target's way": float((out["probs"].numpy() * way[np.arange(n), target])
                                                   .sum(-1)[starts & half].mean())}
     for l, x in enumerate(out["residuals"]):
         mass = {}
-        for r in RELATIONS:
-            total = 0.0
+        for i, r in enumerate(RELATIONS):
+            total, scored = 0.0, 0
             for k in range(O):
-                fit, score = (relation[:, k] == r) & ~half, (relation[:, k] == r) & half
+                fit, score = (relation[:, k] == i) & ~half, (relation[:, k] == i) & half
                 if fit.sum() >= 30:
                     total += probe_way_mass(x[fit], way[fit, k], x[score], way[score, k]).sum()
-            mass[r] = float(total) / result["steps per relation (second half)"][r]
+                    scored += score.sum()
+            mass[r] = float(total) / scored
         result[f"layer {l}"] = mass
         print(f"layer {l}", json.dumps({k: round(v, 3) for k, v in mass.items()}), flush=True)
     print("model", result["model, on the target's way"])
@@ -686,6 +698,8 @@ if __name__ == "__main__":
     t = sub.add_parser("transitions")
     t.add_argument("--layer", type=int, default=2)
     t.add_argument("--episodes", type=int, default=500, help="episodes per task")
+    t.add_argument("--orders", choices=("pretraining", "all"), default="pretraining",
+                   help="train the controllers on 200k fresh noise-free episodes in every order of three pairs")
     t.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     h = sub.add_parser("history")
     h.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. saved by `scale`)")
