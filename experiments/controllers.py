@@ -88,6 +88,14 @@ import etarl   # noqa: E402
 TASKS = ("0-1-4-5-0-1", "0-1-2-3", "0-1-2-3-4-5-6-7-0-1-2-3")   # a pretraining task, one and five unseen transitions
 
 
+def steps_into_target(target: np.ndarray) -> np.ndarray:
+    """(N, T) number of steps since each step's target (the expert's `target` labels) began; 0 where it changes."""
+    since = np.zeros(target.shape, int)
+    for t in range(1, target.shape[1]):
+        since[:, t] = np.where(target[:, t] == target[:, t - 1], since[:, t - 1] + 1, 0)
+    return since
+
+
 def shortest_path_mass(model, data: etarl.Episodes, ctrl=None, n: int = 1000) -> dict:
     """Mean probability on shortest-path moves (teacher forcing) at t = 0, on first-colour steps, and the rest."""
     device = next(model.parameters()).device
@@ -96,9 +104,7 @@ def shortest_path_mass(model, data: etarl.Episodes, ctrl=None, n: int = 1000) ->
         p = model(b["obs"][:, :-1], None if ctrl is None else ctrl(b["subgoal"]))["logits"].softmax(-1)
     sp, m, target = (p * b["optimal"]).sum(-1), b["mask"], b["target"]
     first = m & (target % 2 == 0)
-    since = torch.zeros_like(target)                              # steps since the current target began
-    for t in range(1, target.shape[1]):
-        since[:, t] = torch.where(target[:, t] == target[:, t - 1], since[:, t - 1] + 1, 0)
+    since = torch.as_tensor(steps_into_target(data.target[:n, : target.shape[1]]), device=device)
     return {"sp_t0": sp[:, 0].mean().item(), "sp_first": sp[first].mean().item(), "sp_second": sp[m & ~first].mean().item(),
             "sp_first_by_steps_since_start": [sp[first & (since == k)].mean().item() for k in range(6)],
             "sp_second_by_steps_since_start": [sp[m & ~first & (since == k)].mean().item() for k in range(6)]}
@@ -386,13 +392,11 @@ def pair_starts(data: etarl.Episodes, since: int) -> tuple[np.ndarray, np.ndarra
     """Steps heading for the first colour of a pair that follows another pair, at most `since` steps after that pair
     began, and the pair completed just before: (N, Tmax) bool and (N, Tmax) pair id (-1 before the first is done)."""
     target, m = data.target, np.arange(data.target.shape[1]) < data.lengths[:, None]
-    steps_in, prev, done = np.zeros(target.shape, int), np.full(target.shape, -1), np.full(len(target), -1)
+    prev, done = np.full(target.shape, -1), np.full(len(target), -1)
     for t in range(1, target.shape[1]):
         new = target[:, t] != target[:, t - 1]
-        done = np.where(new & (target[:, t] % 2 == 0), target[:, t - 1] // 2, done)
-        steps_in[:, t] = np.where(new, 0, steps_in[:, t - 1] + 1)
-        prev[:, t] = done
-    return m & (target % 2 == 0) & (prev >= 0) & (steps_in <= since), prev
+        prev[:, t] = done = np.where(new & (target[:, t] % 2 == 0), target[:, t - 1] // 2, done)
+    return m & (target % 2 == 0) & (prev >= 0) & (steps_into_target(target) <= since), prev
 
 
 def ways_to_colours(data: etarl.Episodes, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -700,9 +704,7 @@ if __name__ == "__main__":
     t.add_argument("--episodes", type=int, default=500, help="episodes per task")
     t.add_argument("--orders", choices=("pretraining", "all"), default="pretraining",
                    help="train the controllers on 200k fresh noise-free episodes in every order of three pairs")
-    t.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     h = sub.add_parser("history")
-    h.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. saved by `scale`)")
     s = sub.add_parser("scale")
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--layers", type=int, default=6)
@@ -720,11 +722,12 @@ if __name__ == "__main__":
     s.add_argument("--save", default=None, help="save the trained base model to this file")
     w = sub.add_parser("ways")
     w.add_argument("--since", type=int, default=0, help="score the first SINCE + 1 steps of each pair")
-    w.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     f = sub.add_parser("failures")
     f.add_argument("--eps", type=float, default=0.0, help="pretrain a fresh base model on data with random moves")
     f.add_argument("--action-loss", choices=("expert", "shortest"), default="expert",
                    help="its action loss (PretrainConfig.action_loss)")
+    for p in (t, h, w):
+        p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (e.g. `scale --save`)")
     for p in (v, s, f, h, t, w):
         p.add_argument("--out", default=None, help="JSON file (default: experiments/<command>-<time>.json)")
     args = ap.parse_args()
