@@ -56,13 +56,17 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       on one thread, and about 4 more minutes per task with --fit-steps 200 on 0-1-2-3.
 
   python experiments/metacontroller.py curve [--steps 0] [--every 500] [--episodes 500] [--seed 0] [--threads 1]
-                                             [--set FIELD=VALUE] [--resume]
+                                             [--set FIELD=VALUE] [--resume] [--env grid|ant] [--aligned] [--save W.pt]
       the pipeline's own metacontroller (`python etarl.py`'s: the cpu preset's MetaConfig, seeded the same way) on
       the cpu run's base model, with switch F1, switches per episode, quasi-binary beta, purity, NLL and KL on the
       first --episodes held-out episodes every --every steps. With --threads 2 (the pipeline's, on this machine) it
       trains exactly the pipeline's metacontroller; --set changes a field of its MetaConfig (e.g. lr_decay_from);
       --resume trains on from the pipeline's trained metacontroller (e.g. at another alpha) instead of a new one.
-      About 0.27 s per step on two threads, after about a minute building the stream cache.
+      About 0.27 s per step on two threads, after about a minute building the stream cache. --env ant does the
+      same on the ant pipeline's run (runs/ant-cpu-s0, whose base model fails the quality gate; about 0.7 s per
+      step on two threads, 1 s on one) and adds where the switches fall against the torso's cell crossings and
+      the expert gait's cycle (ant_rhythm); --aligned applies etarl.ALIGNED, the grid cpu preset's remedies,
+      before --set (the ant preset trains by Eq. 3); --save keeps the trained weights.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell] [--layer L]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no noise, no
@@ -203,27 +207,63 @@ def pipeline_curve(args) -> dict:
     every --every steps. Evaluating does not change the training (a test checks this). With --resume the
     training goes on from the pipeline's trained metacontroller (its weights; a fresh optimiser) instead of a new
     one, with the preset's MetaConfig changed by --set for the training (alpha and its schedule, steps, lr, batch),
-    and its statistics are printed at step 0 too."""
-    run = etarl.Run("cpu", progress=False)
+    and its statistics are printed at step 0 too. --env ant does all this on the ant pipeline's run (its base model
+    fails the gate, which is not asked here) and adds ant_rhythm's measures; --aligned sets etarl.ALIGNED first."""
+    run = etarl.Run("cpu", env=args.env, progress=False)
     model, test = etarl.freeze(run.base_model()[0]), run.data()[1]
-    held_out, rows, t = test.subset(np.arange(args.episodes)), [], time.time()
+    held_out, rows, t = test.subset(np.arange(min(args.episodes, len(test)))), [], time.time()
     keys = ("f1", "precision", "recall", "switches_per_episode", "quasi_binary", "code_purity", "action_nll", "kl",
             "regime")
 
     def evaluate(step, meta):
         if step % args.every == 0 or step == cfg.steps:
-            stats = etarl.metacontroller_stats(etarl.meta_outputs(model, meta.eval(), held_out))
+            out = etarl.meta_outputs(model, meta.eval(), held_out)
+            stats = etarl.metacontroller_stats(out)
             meta.train()
-            rows.append({"step": step, "seconds": round(time.time() - t), **{k: stats[k] for k in keys}})
+            rows.append({"step": step, "seconds": round(time.time() - t), **{k: stats[k] for k in keys},
+                         **(ant_rhythm(out, held_out) if args.env == "ant" else {})})
             print(json.dumps(rows[-1]), flush=True)
 
-    cfg = dataclasses.replace(run.cfg.meta, **{"steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
+    cfg = dataclasses.replace(run.cfg.meta, **{**(etarl.ALIGNED if args.aligned else {}),
+                                               "steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
     meta = None
     if args.resume:
         meta = pipeline_meta(run)
         evaluate(0, meta)
-    etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, meta=meta, callback=evaluate)
+    meta, _ = etarl.train_metacontroller(model, run.meta_data(), cfg, args.seed, progress=False, meta=meta,
+                                         callback=evaluate)
+    if args.save:
+        etarl.save_meta(meta, args.save)
     return {"curve": rows}
+
+
+def ant_rhythm(out: dict, data: etarl.AntEpisodes) -> dict:
+    """Where an ant metacontroller's switches fall besides the subgoal boundaries, and what its codes carry.
+    Against the steps at which the torso enters another cell of the grid: precision, recall and F1 within one
+    step (as etarl.switch_alignment). recall_by_chance: the recall that boundaries at random steps would get, the
+    fraction of steps t > 0 within one step of a switch. Against the expert gait's cycle (its phase is ANT_GAIT's
+    omega x t plus a constant, a period of about 9.4 steps): the resultant length of the switches' phases, 1 when
+    every switch (t > 0) falls at one phase of the cycle, about 0 when they are spread evenly over it (None without
+    switches), and the mean number of steps between switches. heading_r2: the R^2 of a linear fit, from a segment's
+    code, of the direction the torso moved over it (the unit vector from its first to its last step; segments of 3
+    steps or more)."""
+    mask, T, G = out["mask"], out["mask"].shape[1], 4
+    xy = data.obs[:, :T, 27:29] * (G * envs.ANT_CELL / 2)            # the observation's scaled torso x, y
+    cells = etarl.switch_alignment(out["beta"], envs.ant_cell(xy, G), mask)
+    switch = (out["beta"] > 0.5) & mask
+    switch[:, 0] = False
+    near = switch | np.pad(switch[:, 1:], ((0, 0), (0, 1))) | np.pad(switch[:, :-1], ((0, 0), (1, 0)))
+    t = np.nonzero(switch)[1]
+    seg = etarl.segments(out)
+    seg = seg[seg[:, 2] - seg[:, 1] >= 3]
+    moved = xy[seg[:, 0], seg[:, 2] - 1] - xy[seg[:, 0], seg[:, 1]]
+    heading = moved / np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-9)
+    return {"cell_f1": cells["f1"], "cell_precision": cells["precision"], "cell_recall": cells["recall"],
+            "cells_per_episode": cells["subgoals_per_episode"],
+            "recall_by_chance": float(near[:, 1:][mask[:, 1:]].mean()),
+            "gait_phase_locking": float(abs(np.exp(1j * envs.ANT_GAIT["omega"] * t).mean())) if len(t) else None,
+            "steps_between_switches": float(mask.sum() / (switch.sum() + len(mask))),
+            "heading_r2": linear_r2(out["z"][seg[:, 0], seg[:, 2] - 1], heading) if len(seg) > 20 else None}
 
 
 def meta_config(run: etarl.Run, args: dict) -> etarl.MetaConfig:
@@ -568,8 +608,14 @@ if __name__ == "__main__":
                     help="also replay codes fitted to the expert's actions by this many Adam steps (fit_codes)")
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     cv.add_argument("--seed", type=int, default=0, help="the metacontroller's seed (the base model is seed 0's)")
+    cv.add_argument("--env", choices=etarl.WORLDS, default="grid",
+                    help="ant: the ant pipeline's base model and data (runs/ant-cpu-s0), which fail the quality gate")
+    cv.add_argument("--save", default=None, help="save the trained metacontroller (etarl.save_meta) to this file")
+    cv.add_argument("--aligned", action="store_true",
+                    help="apply etarl.ALIGNED, the grid cpu preset's remedies, before --set (the ant preset has none)")
     cv.add_argument("--resume", action="store_true",
-                    help="train on from the pipeline's trained metacontroller (runs/grid-cpu-s0/meta.pt)")
+                    help="train on from the pipeline's trained metacontroller (meta.pt of runs/grid-cpu-s0, or of "
+                         "runs/ant-cpu-s0 with --env ant)")
     for p in (o, d):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--base", default=None, help="a base model file instead of the cpu run's (`controllers.py "
