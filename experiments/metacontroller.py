@@ -65,8 +65,9 @@ diagnostic Factored model); `codes`, `replay` and `rl` read it from the oracle r
       About 0.27 s per step on two threads, after about a minute building the stream cache. --env ant does the
       same on the ant pipeline's run (runs/ant-cpu-s0, whose base model fails the quality gate; about 0.7 s per
       step on two threads, 1 s on one) and adds where the switches fall against the torso's cell crossings and
-      the expert gait's cycle (ant_rhythm); --aligned applies etarl.ALIGNED, the grid cpu preset's remedies,
-      before --set (the ant preset trains by Eq. 3); --save keeps the trained weights.
+      the expert gait's cycle, and what the codes say of the way walked (ant_rhythm); --aligned applies
+      etarl.ALIGNED, the grid cpu preset's remedies, before --set (the ant preset trains by Eq. 3; not with
+      --resume, whose saved metacontroller keeps its own settings); --save keeps the trained weights.
 
   python experiments/metacontroller.py decoder [--steps 1500] [--lr 1e-3] [--code subgoal|target-cell] [--layer L]
       the metacontroller's hypernetwork alone, fed the true subgoal as a clean code (one-hot; no encoder, no noise, no
@@ -226,6 +227,8 @@ def pipeline_curve(args) -> dict:
 
     cfg = dataclasses.replace(run.cfg.meta, **{**(etarl.ALIGNED if args.aligned else {}),
                                                "steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
+    if args.resume and args.aligned:                                 # a saved metacontroller keeps its own settings
+        raise SystemExit("--aligned sets up a new metacontroller; with --resume the saved one keeps its own settings")
     meta = None
     if args.resume:
         meta = pipeline_meta(run)
@@ -239,30 +242,36 @@ def pipeline_curve(args) -> dict:
 
 def ant_rhythm(out: dict, data: etarl.AntEpisodes) -> dict:
     """Where an ant metacontroller's switches fall besides the subgoal boundaries, and what its codes carry.
-    Against the steps at which the torso enters another cell of the grid: precision, recall and F1 within one
-    step (as etarl.switch_alignment). recall_by_chance: the recall that boundaries at random steps would get, the
-    fraction of steps t > 0 within one step of a switch. Against the expert gait's cycle (its phase is ANT_GAIT's
-    omega x t plus a constant, a period of about 9.4 steps): the resultant length of the switches' phases, 1 when
-    every switch (t > 0) falls at one phase of the cycle, about 0 when they are spread evenly over it (None without
-    switches), and the mean number of steps between switches. heading_r2: the R^2 of a linear fit, from a segment's
-    code, of the direction the torso moved over it (the unit vector from its first to its last step; segments of 3
-    steps or more)."""
-    mask, T, G = out["mask"], out["mask"].shape[1], 4
-    xy = data.obs[:, :T, 27:29] * (G * envs.ANT_CELL / 2)            # the observation's scaled torso x, y
-    cells = etarl.switch_alignment(out["beta"], envs.ant_cell(xy, G), mask)
+
+    cell_*: precision, recall and F1, within one step (as etarl.switch_alignment), against the steps at which the
+    torso enters another cell of the grid (every subgoal boundary is one); cells_per_episode counts the cells
+    entered, the first included. recall_by_chance: the recall that boundaries at random steps would get, the
+    fraction of steps t > 0 within one step of a switch. bursts_per_episode: switches at t > 0 without one at t - 1.
+    steps_per_segment: valid steps per switch-delimited segment (t = 0 counts as a switch). The expert gait's phase
+    is ANT_GAIT's omega x t plus a constant (a cycle of about 9.4 steps, in which each diagonal leg pair swings once,
+    so its half-cycle is a step of the trot): cycle_locking and half_cycle_locking are the resultant lengths of the
+    bursts' phases at omega and 2 omega, 1 when every burst starts at one phase, near 0 when many spread evenly
+    (about 1 / sqrt(bursts) by chance; None without switches). heading_r2: the R^2 of a linear fit, from a segment's
+    code, of the direction the torso moved over it (the unit vector from its first step to the step after its last;
+    segments of 3 steps or more; None for 20 or fewer), pooled over the two components."""
+    mask, T, G = out["mask"], out["mask"].shape[1], 4                # G: the ant world's grid (AntPinpad's default)
+    xy = data.obs[:, :T + 1, 27:29] * (G * envs.ANT_CELL / 2)        # the observation's scaled torso x, y
+    cells = etarl.switch_alignment(out["beta"], envs.ant_cell(xy[:, :T], G), mask)
     switch = (out["beta"] > 0.5) & mask
     switch[:, 0] = False
     near = switch | np.pad(switch[:, 1:], ((0, 0), (0, 1))) | np.pad(switch[:, :-1], ((0, 0), (1, 0)))
-    t = np.nonzero(switch)[1]
+    burst = switch & ~np.pad(switch[:, :-1], ((0, 0), (1, 0)))
+    t = np.nonzero(burst)[1]
+    locking = lambda k: float(abs(np.exp(1j * k * envs.ANT_GAIT["omega"] * t).mean())) if len(t) else None
     seg = etarl.segments(out)
     seg = seg[seg[:, 2] - seg[:, 1] >= 3]
-    moved = xy[seg[:, 0], seg[:, 2] - 1] - xy[seg[:, 0], seg[:, 1]]
+    moved = xy[seg[:, 0], seg[:, 2]] - xy[seg[:, 0], seg[:, 1]]
     heading = moved / np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-9)
     return {"cell_f1": cells["f1"], "cell_precision": cells["precision"], "cell_recall": cells["recall"],
             "cells_per_episode": cells["subgoals_per_episode"],
             "recall_by_chance": float(near[:, 1:][mask[:, 1:]].mean()),
-            "gait_phase_locking": float(abs(np.exp(1j * envs.ANT_GAIT["omega"] * t).mean())) if len(t) else None,
-            "steps_between_switches": float(mask.sum() / (switch.sum() + len(mask))),
+            "bursts_per_episode": float(burst.sum(1).mean()), "cycle_locking": locking(1),
+            "half_cycle_locking": locking(2), "steps_per_segment": float(mask.sum() / (switch.sum() + len(mask))),
             "heading_r2": linear_r2(out["z"][seg[:, 0], seg[:, 2] - 1], heading) if len(seg) > 20 else None}
 
 
@@ -277,7 +286,8 @@ def pipeline_meta(run: etarl.Run) -> etarl.Metacontroller:
     """The metacontroller of `python etarl.py` (the run folder's meta.pt), which is never retrained here (that
     takes about 27 minutes, and on other threads its float rounding, so its result, would differ)."""
     if not (run.dir / "meta.pt").exists():
-        raise SystemExit(f"{run.dir / 'meta.pt'} is missing: run `python etarl.py` first")
+        command = "python etarl.py" + (" --env ant --force" if run.env == "ant" else "")
+        raise SystemExit(f"{run.dir / 'meta.pt'} is missing: run `{command}` first")
     return run.metacontroller()[0]
 
 
@@ -609,7 +619,7 @@ if __name__ == "__main__":
     c.add_argument("--injection", action="store_true", help="also run code injection (App. B.3.2; a few more minutes)")
     cv.add_argument("--seed", type=int, default=0, help="the metacontroller's seed (the base model is seed 0's)")
     cv.add_argument("--env", choices=etarl.WORLDS, default="grid",
-                    help="ant: the ant pipeline's base model and data (runs/ant-cpu-s0), which fail the quality gate")
+                    help="ant: the ant pipeline's base model and data (runs/ant-cpu-s0); its base model fails the gate")
     cv.add_argument("--save", default=None, help="save the trained metacontroller (etarl.save_meta) to this file")
     cv.add_argument("--aligned", action="store_true",
                     help="apply etarl.ALIGNED, the grid cpu preset's remedies, before --set (the ant preset has none)")
