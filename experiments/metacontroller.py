@@ -210,6 +210,8 @@ def pipeline_curve(args) -> dict:
     one, with the preset's MetaConfig changed by --set for the training (alpha and its schedule, steps, lr, batch),
     and its statistics are printed at step 0 too. --env ant does all this on the ant pipeline's run (its base model
     fails the gate, which is not asked here) and adds ant_rhythm's measures; --aligned sets etarl.ALIGNED first."""
+    if args.resume and args.aligned:                                 # a saved metacontroller keeps its own settings
+        raise SystemExit("--aligned sets up a new metacontroller; with --resume the saved one keeps its own settings")
     run = etarl.Run("cpu", env=args.env, progress=False)
     model, test = etarl.freeze(run.base_model()[0]), run.data()[1]
     held_out, rows, t = test.subset(np.arange(min(args.episodes, len(test)))), [], time.time()
@@ -227,8 +229,6 @@ def pipeline_curve(args) -> dict:
 
     cfg = dataclasses.replace(run.cfg.meta, **{**(etarl.ALIGNED if args.aligned else {}),
                                                "steps": args.steps or run.cfg.meta.steps, **dict(args.set)})
-    if args.resume and args.aligned:                                 # a saved metacontroller keeps its own settings
-        raise SystemExit("--aligned sets up a new metacontroller; with --resume the saved one keeps its own settings")
     meta = None
     if args.resume:
         meta = pipeline_meta(run)
