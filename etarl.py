@@ -498,7 +498,8 @@ class Episodes(_EpisodeArrays):
 def grid_observation_torch(agent, colour_cells, wall_cells, G: int = 7) -> torch.Tensor:
     """envs.grid_observation on torch tensors of cell indices (on any device), broadcasting the same way."""
     batch = torch.broadcast_shapes(agent.shape, colour_cells.shape[:-1], wall_cells.shape[:-1])
-    cells = torch.cat([colour_cells.expand(batch + colour_cells.shape[-1:]), wall_cells.expand(batch + wall_cells.shape[-1:]),
+    cells = torch.cat([colour_cells.expand(batch + colour_cells.shape[-1:]),
+                       wall_cells.expand(batch + wall_cells.shape[-1:]),
                        agent.expand(batch)[..., None]], -1)                             # (..., C)
     return F.one_hot(cells, G * G).flatten(-2).float()
 
@@ -535,9 +536,10 @@ def generate_episodes(n: int, seed: int, task=None, eps: float = 0.0, G: int = 7
         agent.append(env.agent.copy())
     target = np.stack(target, 1).astype(np.int8)
     task_table = {t: i for i, t in enumerate(envs.GRID_PRETRAIN_TASKS)}
+    cell = np.int8 if G * G <= 128 else np.int16                     # cell indices 0 .. G*G-1
     return Episodes(
-        colour_cells=env.colour_cells.astype(np.int8), wall_cells=env.wall_cells.astype(np.int8),
-        agent=np.stack(agent, 1).astype(np.int8), actions=np.stack(actions, 1).astype(np.int8), lengths=env.t.copy(),
+        colour_cells=env.colour_cells.astype(cell), wall_cells=env.wall_cells.astype(cell),
+        agent=np.stack(agent, 1).astype(cell), actions=np.stack(actions, 1).astype(np.int8), lengths=env.t.copy(),
         target=target, subgoal=np.where(target >= 0, target // 2, -1), optimal=np.stack(optimal, 1),
         task_id=np.array([task_table.get(tuple(t[t >= 0]), -1) for t in env.tasks]), grid_size=G)
 
@@ -632,7 +634,7 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
 class AntEgoEncoder(nn.Module):
     """Embed an ant observation together with the same observation turned into the torso's frame (deviation 22).
 
-    The ant walks without turning (envs.gait_action), so its torques depend on where the next cell towards the
+    The gait never commands a turn (envs.gait_action), so its torques depend on where the next cell towards the
     target lies in the torso's frame, while the observation gives every colour cell and wall in world axes. This
     encoder appends the object offsets and the torso's horizontal velocity rotated by minus the torso's yaw (read
     from the observed quaternion), then embeds everything linearly: a fixed, parameter-free re-expression of the
@@ -874,6 +876,9 @@ class BaseModel(nn.Module):
         self.cfg, self.obs_dim, self.n_actions, self.env = cfg, obs_dim, n_actions, env
         if cfg.mixer == "attention" and cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
+        if cfg.mixer == "attention" and cfg.max_distance <= cfg.n_buckets // 2:
+            raise ValueError(f"max_distance={cfg.max_distance} must exceed n_buckets // 2 = {cfg.n_buckets // 2}, "
+                             "the distances that get a bucket each (relative_bucket)")
         blocks = {"attention": Block, "hawk": HawkBlock}
         heads = {"categorical": CategoricalHead, "gaussian": GaussianHead}
         if cfg.mixer not in blocks:
@@ -900,8 +905,9 @@ class BaseModel(nn.Module):
         it, and only blocks l.. run (the residual list then starts at layer l)."""
         B, T, _ = obs.shape
         pos = torch.arange(start, start + T, device=obs.device)
-        if control is not None and control.layer < from_layer:
-            raise ValueError(f"a control at layer {control.layer} cannot edit a stream given at layer {from_layer}")
+        if control is not None and not from_layer <= control.layer < len(self.blocks):
+            raise ValueError(f"a control at layer {control.layer} cannot edit a stream given at layer {from_layer} of "
+                             f"a model with {len(self.blocks)} blocks (layers {from_layer} .. {len(self.blocks) - 1})")
         e = self.encoder(obs) if from_layer == 0 else obs             # (B, T, D)
         residuals = [e]
         for l, block in enumerate(self.blocks[from_layer:], from_layer):
@@ -1124,7 +1130,8 @@ def collect(model: BaseModel, data: Episodes, batch_size: int = 256) -> dict:
         if model.cfg.head == "categorical":
             keep["probs"].append(out["logits"][m].softmax(-1))
         else:                                                         # continuous: the predicted mean torque
-            keep["mean_action"].append(model.action_head.mode(out["logits"])[m]), keep["actions"].append(b["actions"][m])
+            keep["mean_action"].append(model.action_head.mode(out["logits"])[m])
+            keep["actions"].append(b["actions"][m])
         for k in ("subgoal", "target", "optimal"):
             if k in b:                                                # the ant has no discrete optimal moves
                 keep[k].append(b[k][m])
@@ -1508,7 +1515,8 @@ class Metacontroller(nn.Module):
     def forward(self, e: torch.Tensor, lengths: torch.Tensor, sample: bool = True) -> dict:
         """e (B, T, D) residual stream at layer l; returns z (B, T, n_z), beta (B, T), the switch probability
         sigmoid(logit) (B, T; beta itself unless gumbel_switch makes beta binary), mu, logvar and the per-step
-        Control (which edits the raw stream e)."""
+        Control (which edits the raw stream e). sample=False makes it deterministic: z~ = mu, and a gumbel_switch
+        is H(logit) even in training mode."""
         B, T, D = e.shape
         e = self.read(e)
         h, _ = self.history(e)                                        # h_1 .. h_T: (B, T, n_h)
@@ -1517,7 +1525,7 @@ class Metacontroller(nn.Module):
         mu, logvar = self.encoder(torch.cat([e, h_prev, s], -1)).chunk(2, -1)          # Eq. (14)
         z_tilde = self.sample_code(mu, logvar, sample)                                # Eq. (15)
         logit_at = self.switch_logits(e, h_prev)
-        sample_switch = self.cfg.gumbel_switch and self.training and not self.cfg.force_switch   # binary, sampled:
+        sample_switch = self.cfg.gumbel_switch and self.training and sample and not self.cfg.force_switch
         noise = logistic_noise((T - 1, B, 1), e.device, e.dtype) if sample_switch else None    # for t = 1 .. T-1
         z, zs, betas, probs = torch.zeros(B, self.cfg.n_z, device=e.device), [], [], []
         for t, z_tilde_t in enumerate(z_tilde.unbind(1)):             # unbind: one gradient copy, not T
@@ -1615,12 +1623,16 @@ def train_metacontroller(model: BaseModel, data: Episodes | StreamCache, cfg: Me
     `data` may be a StreamCache of this (frozen) model already: training draws from it whatever cfg.cache_stream
     says (which builds one when data is episodes).
     A given `meta` (one loaded from disk, or a variant built elsewhere) trains on instead of a fresh one: `cfg`
-    sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss (free bits).
+    sets the training (steps, batch, lr, alpha and its schedule), the given meta's own cfg its loss and gate (free
+    bits, kl_per_switch, read_norm, a Gumbel or forced switch); both must agree on co_train.
     callback(steps_done, meta), if given, runs after every step (to evaluate along the way: it may switch meta
     to eval mode, and must switch it back)."""
     if (cfg.cache_stream or isinstance(data, StreamCache)) and cfg.co_train:
         raise ValueError("a StreamCache (or MetaConfig(cache_stream=True)) needs a frozen base model, but co_train "
                          "trains it")
+    if meta is not None and meta.cfg.co_train != cfg.co_train:
+        raise ValueError(f"the given metacontroller was built with co_train={meta.cfg.co_train}, which sets its loss's "
+                         f"observation term, but cfg says co_train={cfg.co_train}")
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -1709,15 +1721,17 @@ def switch_alignment(beta: np.ndarray, subgoal: np.ndarray, mask: np.ndarray, to
     """Do the switches (beta > 0.5) fall on the true subgoal boundaries?
 
     Precision, recall and F1 of switches at t > 0 against true boundaries, matched one-to-one within
-    +-tolerance steps; switches per episode (t = 0 included) against subgoals per episode; and the
-    fraction of switch probabilities at t > 0 that are quasi-binary (< 0.1 or > 0.9; beta_0 = 1 always).
+    +-tolerance steps (as many pairs as possible: each switch, in time order, takes the earliest free boundary in
+    its window, a maximum matching since the windows keep their order); switches per episode (t = 0 included)
+    against subgoals per episode; and the fraction of switch probabilities at t > 0 that are quasi-binary (< 0.1
+    or > 0.9; beta_0 = 1 always).
     The probability is beta itself unless `prob` is given (a binary switch's sigmoid(logit))."""
     switch, truth = (beta > 0.5) & mask, true_boundaries(subgoal, mask)
     pred = switch.copy()
     pred[:, 0] = False
     tp, free = 0, truth.copy()
-    for i, t in zip(*np.nonzero(pred)):                               # greedy one-to-one matching
-        for dt in sorted(range(-tolerance, tolerance + 1), key=abs):
+    for i, t in zip(*np.nonzero(pred)):                               # one-to-one, in time order
+        for dt in range(-tolerance, tolerance + 1):
             if 0 <= t + dt < free.shape[1] and free[i, t + dt]:
                 free[i, t + dt], tp = False, tp + 1
                 break
@@ -2111,7 +2125,8 @@ class InternalRL:
         agent = InternalAgent(self.meta, self.policy, n, torch.Generator(device=device).manual_seed(seed + 10**9))
         out = rollout(self.model, task, n, seed, agent.at)              # the actions draw from their own stream
         rec = agent.record()
-        valid = torch.arange(rec["fire"].shape[1], device=device) < torch.as_tensor(out["length"], device=device)[:, None]
+        length = torch.as_tensor(out["length"], device=device)
+        valid = torch.arange(rec["fire"].shape[1], device=device) < length[:, None]
         return {"success": out["success"], "progress": out["progress"], "e": rec["e"], "z": rec["z"],
                 "old_logp": rec["logp"], "mask": rec["fire"] & valid,
                 "decisions": (rec["fire"] & valid).sum(1).float().mean().item()}
@@ -2153,6 +2168,8 @@ def ppo_update(learner, opt, batch: dict, cfg: RLConfig) -> None:
     decisions of the batch (an episode with more decisions weighs more). A batch where every episode got
     the same return carries no signal and is skipped."""
     R = torch.as_tensor(batch["success"], dtype=torch.float32, device=batch["old_logp"].device)
+    if len(R) < 2:
+        raise ValueError("PPO needs at least 2 episodes per batch: the advantage is normalised by their spread")
     if R.std() == 0:
         return
     adv = ((R - R.mean()) / (R.std() + 1e-3))[:, None]
@@ -2172,6 +2189,9 @@ def train_rl(learner, task, cfg: RLConfig, lr: float, seed: int = 0, progress: b
     """On-policy RL from the sparse reward: batches of episodes, one PPO update per batch. Returns the
     success rate of every batch against the number of episodes run so far, and how far its episodes got
     (mean colours completed), which shows learning before the first success does."""
+    if cfg.batch_episodes < 2:
+        raise ValueError(f"RLConfig.batch_episodes={cfg.batch_episodes}: PPO here needs at least 2 episodes per "
+                         "batch, as the advantage is normalised by their spread of returns")
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(learner.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     history = {"episodes": [], "success": [], "progress": [], "decisions": []}
@@ -2231,7 +2251,8 @@ def rl_summary(rl: dict) -> dict:
             flat[f"rl_{name}_normalised_success"] = r["final_success"] / max(rl["expert_success"], 1e-9)
     k, n = rl["base"]["successes"], rl["base"]["episodes"]
     flat.update({"base_post_task_successes": k, "base_post_task_episodes": n,
-                 "base_post_task_ci95_low": rl["base"]["interval"][0], "base_post_task_ci95_high": rl["base"]["interval"][1]})
+                 "base_post_task_ci95_low": rl["base"]["interval"][0],
+                 "base_post_task_ci95_high": rl["base"]["interval"][1]})
     if "expert_success" in rl:
         flat["expert_post_task_success"] = rl["expert_success"]
     return flat
@@ -2241,7 +2262,8 @@ def rl_summary(rl: dict) -> dict:
 # 9. Experiment runner: `python etarl.py`
 # ==================================================================================================
 BASELINE_STAGES = {   # RL baselines with a model of their own: results.json prefix, the Run stage that trains it
-    "co_trained": ("cotrained", "co_trained"), "forced_switch": ("forced", "meta_forced"), "compile": ("compile", "compile_model"),
+    "co_trained": ("cotrained", "co_trained"), "forced_switch": ("forced", "meta_forced"),
+    "compile": ("compile", "compile_model"),
 }
 
 
@@ -2270,10 +2292,11 @@ class Run:
         self.dir = Path(out or f"runs/{env}-{preset}-s{seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
-        if (self.dir / "config.json").exists() and _with_defaults(_json_load(self.dir / "config.json"), config) != config:
+        saved = self.dir / "config.json"
+        if saved.exists() and _with_defaults(_json_load(saved), config) != config:
             raise ValueError(f"{self.dir} holds a run made with another configuration; "
                              "choose another --out folder or delete that one")
-        _json_save(config, self.dir / "config.json")
+        _json_save(config, saved)
         self._memo = {}
 
     def _stage(self, name: str, file: str, make, save, load):
@@ -2384,9 +2407,8 @@ class Run:
         def make():
             model, meta = self.base_model()[0], self.metacontroller(force)[0]
             test = self.data()[1]
-            return {**evaluate_metacontroller(model, meta, test),
-                    **{f"injection_{k}": v for k, v in code_injection(model, meta, test, self.cfg.meta.injection_episodes,
-                                                                    self.seed).items()}}
+            injection = code_injection(model, meta, test, self.cfg.meta.injection_episodes, self.seed)
+            return {**evaluate_metacontroller(model, meta, test), **{f"injection_{k}": v for k, v in injection.items()}}
         return self._stage("meta_eval", "meta_eval.json", make, _json_save, _json_load)
 
     def co_trained(self) -> tuple[BaseModel, Metacontroller, dict]:
@@ -2512,7 +2534,8 @@ class Run:
             results.update({f"meta_{k}": v for k, v in self.meta_eval(force).items()})
             for method, (prefix, stage) in BASELINE_STAGES.items():
                 if method in cfg.rl.methods:                          # a stage returns its evaluation last
-                    results.update({f"{prefix}_{k}": v for k, v in getattr(self, stage)()[-1].items() if k != "history"})
+                    results.update({f"{prefix}_{k}": v for k, v in getattr(self, stage)()[-1].items()
+                                    if k != "history"})
             rl = self.internal_rl(force)
             results.update(rl_summary(rl))
         else:
@@ -2562,7 +2585,8 @@ def plot_base_model(run: Path, history: dict, probes: list, sweep: dict, env: st
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     k = min(50, len(history["action_nll"]))                           # running mean over k steps
-    ax[0].plot(np.arange(k - 1, len(history["action_nll"])), np.convolve(history["action_nll"], np.ones(k) / k, "valid"))
+    smooth = np.convolve(history["action_nll"], np.ones(k) / k, "valid")
+    ax[0].plot(np.arange(k - 1, len(history["action_nll"])), smooth)
     ax[0].set(xlabel="step", ylabel="action NLL", title="Pretraining (Eq. 5)",
               yscale="log" if min(history["action_nll"]) > 0 else "linear")   # a Gaussian's NLL goes negative
     mins = np.array(history["eval_time"]) / 60

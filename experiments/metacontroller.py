@@ -431,7 +431,7 @@ def fit_codes(model, meta, data: etarl.Episodes, fire: np.ndarray, z: np.ndarray
     the encoder's and fitted by Adam to the expert's actions (teacher-forced action NLL, all episodes at once): the
     codes that best explain what the expert did, whether or not the encoder would infer them. Returns the codes
     per episode and the NLL before and after."""
-    device, (n, T), K = next(model.parameters()).device, fire.shape, int(fire.sum(1).max())
+    device, (n, _), K = next(model.parameters()).device, fire.shape, int(fire.sum(1).max())
     start = np.zeros((n, K, meta.cfg.n_z), np.float32)
     for i in range(n):
         start[i, :fire[i].sum()] = z[i][fire[i]]
