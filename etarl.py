@@ -70,10 +70,10 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     and the forced-switch and co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps
     x 64). The paper and ant presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
-    (steps where the expert starts a new colour pair), matched one-to-one within +-1 step; switch counts
-    include t = 0 and are compared with the number of subgoals per episode. Code purity: k-means (k = 4)
-    on the code at the end of each switch-delimited segment, scored against the segment's majority
-    subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
+    (steps where the expert starts a new colour pair), matched one-to-one within +-1 step, as many pairs as
+    possible; switch counts include t = 0 and are compared with the number of subgoals per episode. Code
+    purity: k-means (k = 4) on the code at the end of each switch-delimited segment, scored against the
+    segment's majority subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
     Quasi-binary: the share of switch probabilities sigmoid(logit) at t > 0 below 0.1 or above 0.9. With
     binary switches (gumbel_switch) evaluation takes beta = H(logit), the gate internal RL acts with, so codes
     are held exactly between switches. Regimes (switching_regime): collapsed below COLLAPSED_KL = 0.01 nats
@@ -634,7 +634,8 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
 class AntEgoEncoder(nn.Module):
     """Embed an ant observation together with the same observation turned into the torso's frame (deviation 22).
 
-    The gait never commands a turn (envs.gait_action), so its torques depend on where the next cell towards the
+    The gait walks along its command turned into the torso's frame (envs.gait_action), so its torques depend on
+    where the next cell towards the
     target lies in the torso's frame, while the observation gives every colour cell and wall in world axes. This
     encoder appends the object offsets and the torso's horizontal velocity rotated by minus the torso's yaw (read
     from the observed quaternion), then embeds everything linearly: a fixed, parameter-free re-expression of the

@@ -132,7 +132,7 @@ def test_bumping_the_edge_on_a_colour_is_not_a_revisit():
 
 
 @pytest.mark.parametrize("bad", ["0--1", "0,1", "a-b", " ", "", "0-8", "-1", "1-", " 1", "0-1 ", "٣",
-                                 [], [0, 1.5], [True], 3, None, {0: 1}, np.array(3), np.array([[0, 1]])])
+                                 [], [0, 1.5], [True], 3, None, {0: 1}, np.array(3), [0, [1, 2]]])
 def test_bad_tasks_raise_clear_errors(bad):
     """Malformed, empty, out-of-range or wrongly typed tasks raise ValueError naming the problem."""
     with pytest.raises(ValueError, match="task|colour"):
@@ -240,15 +240,17 @@ def test_bad_actions_raise_clear_errors():
     checks the moves of running episodes only."""
     env = GridPinpad(task="0-1")
     env.reset(seed=0)
-    for bad in (-1, 4, 1.5, [0]):
+    for bad in (-1, 4, 1.5, 2.0, float("nan"), None, [0], True):
         with pytest.raises(ValueError, match="action"):
             env.step(bad)
+    for good in (1, np.int64(2), np.array(3), torch.tensor(0)):
+        env.step(good)
     vec = GridPinpadVec(2, task="0-1")
     vec.reset(0)
-    with pytest.raises(ValueError, match="actions"):
-        vec.step(np.array([0, -1]))
-    with pytest.raises(ValueError, match="actions"):
-        vec.step(np.array([0, 1, 2]))
+    for bad in (np.array([0, -1]), np.array([0, 1, 2]), np.array([0.0, 1.0])):
+        with pytest.raises(ValueError, match="actions"):
+            vec.step(bad)
+    vec.step(torch.tensor([1, 2]))
     vec.done[1] = True
     vec.step(np.array([0, -1]))                                        # an ended episode's action is ignored
 
@@ -649,6 +651,9 @@ def test_bad_configuration_raises_clear_errors():
         etarl.build_model(etarl.ModelConfig(max_distance=16))
     with pytest.raises(ValueError, match="batch_episodes"):
         etarl.train_rl(None, "0-1", etarl.RLConfig(batch_episodes=1), lr=1e-3)
+    bandit = _Bandit()
+    with pytest.raises(ValueError, match="2 episodes"):
+        etarl.ppo_update(bandit, torch.optim.AdamW(bandit.parameters()), bandit.act(None, 1, 0), etarl.RLConfig())
     with pytest.raises(SystemExit):
         etarl.main(["--env", "mars"])
 

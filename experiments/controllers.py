@@ -76,7 +76,6 @@ import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -158,8 +157,7 @@ class InsideBlock(torch.nn.Module):
 class EditInside(torch.nn.Module):
     """Eq. 1's controllers applied inside block `layer`, after its attention (which reads the history) and before
     its MLP, for `variants --inside`. It installs InsideBlock in the model; called with subgoals (B, T) or (B,), it
-    arms that block's edit and returns a control that BaseModel.forward itself never applies (layer -1), so every
-    call must be followed by exactly one forward pass (as in train_controllers, shortest_path_mass and rollout).
+    arms that block's edit and returns no control for BaseModel.forward to apply (None), so every call must be followed by exactly one forward pass (as in train_controllers, shortest_path_mass and rollout).
     For a script only: the model is changed in place (its state_dict keys too, so do not save it), the block is
     held outside the module tree (not trained, not copied by deepcopy), and only attention blocks have this form."""
 
@@ -175,7 +173,7 @@ class EditInside(torch.nn.Module):
     def forward(self, subgoal: torch.Tensor):
         control = self.inner(subgoal)
         self.block.edit = control.step_view() if subgoal.dim() == 1 else control
-        return SimpleNamespace(layer=-1)
+        return None
 
 
 def control_fn(ctrl):
@@ -191,12 +189,13 @@ def evaluate(model, ctrl, data: etarl.Episodes, episodes: int) -> dict:
     """Teacher-forced shortest-path mass and success with the controllers on TASKS (progress histogram too),
     sampled as the pipeline does, and greedy."""
     out = shortest_path_mass(model, data, ctrl)
+    keep = {"drop_ended": False} if isinstance(ctrl, EditInside) else {}   # its armed edit spans every episode
     for task in TASKS:
-        r = etarl.rollout(model, envs.parse_task(task), episodes, 1, control_fn(ctrl))
+        r = etarl.rollout(model, envs.parse_task(task), episodes, 1, control_fn(ctrl), **keep)
         out[task] = float(r["success"].mean())
         out[task + " progress"] = np.bincount(r["progress"], minlength=len(envs.parse_task(task)) + 1).tolist()
         out[task + " greedy"] = float(etarl.rollout(model, envs.parse_task(task), episodes, 1,
-                                                    control_fn(ctrl), greedy=True)["success"].mean())
+                                                    control_fn(ctrl), greedy=True, **keep)["success"].mean())
     return out
 
 
