@@ -353,7 +353,8 @@ class GridPinpadVec(_VecTasks):
     """
 
     def __init__(self, num_envs: int, task=None, G: int = 7, O: int = 8, W: int = 4, T: int = 100):
-        one_task = task is None or isinstance(task, str) or all(isinstance(c, (int, np.integer)) for c in task)
+        one_task = (task is None or isinstance(task, str) or np.ndim(task) == 0
+                    or all(isinstance(c, (int, np.integer)) for c in task))
         if not one_task and len(task) != num_envs:
             raise ValueError(f"got {len(task)} tasks for {num_envs} episodes")
         for t in [task] if one_task else task:
@@ -719,8 +720,8 @@ if "AntPinpad-v0" not in gymnasium.registry:
 # start, no falls allowed; about 250 trials), e.g.
 #     max(candidates, key=lambda p: np.mean([gait_speed(p, d) for d in directions]))
 # They walk at about 0.05 m per env step in every direction. From other starts the torso can leave its height
-# range [0.2, 1.0] m, which ends an episode: 20 of 200 runs (8 directions x seeds 0-24) did (two of them looked at
-# bounced above 1.0 m within the first 12 steps).
+# range [0.2, 1.0] m, which ends an episode: 20 of 200 runs (8 directions x seeds 0-24) did (the two looked at
+# bounced above 1.0 m within their first 12 steps).
 ANT_GAIT = dict(hip=0.5, omega=0.665, lead=1.883, neutral=0.576, lift=0.352, kp=3.756, kd=0.265)
 _ANT_ACTUATED_JOINT = np.array([6, 7, 0, 1, 2, 3, 4, 5])   # actuator k drives joint qpos[7 + this]
 _ANT_LEG_ANGLE = np.deg2rad([45.0, 135.0, 225.0, 315.0])     # legs 1-4 point along the diagonals

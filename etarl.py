@@ -66,15 +66,15 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
     and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
-    keep `python etarl.py` near an hour; 50.5 and 71.2 minutes measured on two machines); Fig. 7's sweep
+    keep `python etarl.py` near an hour; 50.5, 62.2 and 71.2 minutes measured on two machines); Fig. 7's sweep
     and the forced-switch and co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps
     x 64). The paper and ant presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step, as many pairs as
     possible; switch counts include t = 0 and are compared with the number of subgoals per episode. Code
     purity: k-means (k = 4) on the code at the end of each switch-delimited segment, scored against the
-    segment's majority subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task "2g-(2g+1)".
-    Quasi-binary: the share of switch probabilities sigmoid(logit) at t > 0 below 0.1 or above 0.9. With
+    segment's majority subgoal. Code injection: a code from a segment of subgoal g, held fixed, on the task
+    "2g-(2g+1)". Quasi-binary: the share of switch probabilities sigmoid(logit) at t > 0 below 0.1 or above 0.9. With
     binary switches (gumbel_switch) evaluation takes beta = H(logit), the gate internal RL acts with, so codes
     are held exactly between switches. Regimes (switching_regime): collapsed below COLLAPSED_KL = 0.01 nats
     per step, whatever the gate does; one code per episode under 1.5 switches; always switching above twice
@@ -635,11 +635,11 @@ class AntEgoEncoder(nn.Module):
     """Embed an ant observation together with the same observation turned into the torso's frame (deviation 22).
 
     The gait walks along its command turned into the torso's frame (envs.gait_action), so its torques depend on
-    where the next cell towards the
-    target lies in the torso's frame, while the observation gives every colour cell and wall in world axes. This
-    encoder appends the object offsets and the torso's horizontal velocity rotated by minus the torso's yaw (read
-    from the observed quaternion), then embeds everything linearly: a fixed, parameter-free re-expression of the
-    same observation, as EgoEncoder is for the grid. Indices follow envs.AntPinpad's observation layout.
+    where the next cell towards the target lies in the torso's frame, while the observation gives every colour
+    cell and wall in world axes. This encoder appends the object offsets and the torso's horizontal velocity
+    rotated by minus the torso's yaw (read from the observed quaternion), then embeds everything linearly: a
+    fixed, parameter-free re-expression of the same observation, as EgoEncoder is for the grid. Indices follow
+    envs.AntPinpad's observation layout.
     """
 
     QUAT = slice(1, 5)      # symlog of the torso's quaternion (w, x, y, z): qpos[3:7]
@@ -880,6 +880,8 @@ class BaseModel(nn.Module):
         if cfg.mixer == "attention" and cfg.max_distance <= cfg.n_buckets // 2:
             raise ValueError(f"max_distance={cfg.max_distance} must exceed n_buckets // 2 = {cfg.n_buckets // 2}, "
                              "the distances that get a bucket each (relative_bucket)")
+        if cfg.mixer == "attention" and cfg.n_buckets < 2:
+            raise ValueError(f"n_buckets={cfg.n_buckets}: relative_bucket needs at least 2 (near and far)")
         blocks = {"attention": Block, "hawk": HawkBlock}
         heads = {"categorical": CategoricalHead, "gaussian": GaussianHead}
         if cfg.mixer not in blocks:

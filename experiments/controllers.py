@@ -157,7 +157,9 @@ class InsideBlock(torch.nn.Module):
 class EditInside(torch.nn.Module):
     """Eq. 1's controllers applied inside block `layer`, after its attention (which reads the history) and before
     its MLP, for `variants --inside`. It installs InsideBlock in the model; called with subgoals (B, T) or (B,), it
-    arms that block's edit and returns no control for BaseModel.forward to apply (None), so every call must be followed by exactly one forward pass (as in train_controllers, shortest_path_mass and rollout).
+    arms that block's edit and returns no control for BaseModel.forward to apply (None), so every call must be
+    followed by exactly one forward pass over the same episodes (as in train_controllers, shortest_path_mass and
+    rollout with drop_ended=False, as `evaluate` calls it).
     For a script only: the model is changed in place (its state_dict keys too, so do not save it), the block is
     held outside the module tree (not trained, not copied by deepcopy), and only attention blocks have this form."""
 
