@@ -877,11 +877,9 @@ class BaseModel(nn.Module):
         self.cfg, self.obs_dim, self.n_actions, self.env = cfg, obs_dim, n_actions, env
         if cfg.mixer == "attention" and cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
-        if cfg.mixer == "attention" and cfg.max_distance <= cfg.n_buckets // 2:
-            raise ValueError(f"max_distance={cfg.max_distance} must exceed n_buckets // 2 = {cfg.n_buckets // 2}, "
-                             "the distances that get a bucket each (relative_bucket)")
-        if cfg.mixer == "attention" and cfg.n_buckets < 2:
-            raise ValueError(f"n_buckets={cfg.n_buckets}: relative_bucket needs at least 2 (near and far)")
+        if cfg.mixer == "attention" and not (cfg.n_buckets >= 2 and cfg.max_distance > cfg.n_buckets // 2):
+            raise ValueError(f"n_buckets={cfg.n_buckets}, max_distance={cfg.max_distance}: relative_bucket needs "
+                             "n_buckets >= 2 and max_distance above n_buckets // 2, the distances with a bucket each")
         blocks = {"attention": Block, "hawk": HawkBlock}
         heads = {"categorical": CategoricalHead, "gaussian": GaussianHead}
         if cfg.mixer not in blocks:
