@@ -520,6 +520,44 @@ def test_pretraining_learns_to_navigate(trained):
     assert gate["sp_all"] > uniform + 0.1
 
 
+@pytest.mark.parametrize("world", ["grid", "ant"])
+def test_bf16_autocast_changes_the_loss_only_by_rounding(world, data):
+    """Under the bfloat16 autocast of PretrainConfig(bf16=True) the losses come out in float32 and within
+    rounding of the float32 ones, and the residual stream stays float32 (the ant's linear encoder included)."""
+    if world == "grid":
+        model, batch = _model(), data[0].batch(np.arange(16), "cpu")
+    else:
+        model, gen = _hawk(), torch.Generator().manual_seed(0)
+        batch = {"obs": torch.randn(4, 13, _hawk().obs_dim, generator=gen),
+                 "actions": torch.randn(4, 12, 8, generator=gen), "mask": torch.ones(4, 12, dtype=torch.bool)}
+    exact = model.loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.loss(batch)
+        stream = model(batch["obs"][:, :-1], return_residuals=True)["residuals"]
+    assert mixed["loss"].dtype == torch.float32 and all(e.dtype == torch.float32 for e in stream)
+    for k in ("action_nll", "obs_nll"):
+        assert abs(mixed[k].item() - exact[k].item()) < 0.02 * abs(exact[k].item())
+        assert mixed[k].item() != exact[k].item()                     # the autocast did act
+
+
+def test_rglru_recurrence_ignores_a_bf16_autocast():
+    """The RG-LRU runs in float32 under a bfloat16 autocast, where a_t up to 0.999 would round to 0.996 or 1:
+    same input, bit-identical states; a bfloat16 input gives float32 states."""
+    rglru, x = _hawk().blocks[0].mixer.rglru, torch.randn(2, 50, 32)
+    y = rglru(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rglru(x)[0], y) and rglru(x.bfloat16())[0].dtype == torch.float32
+
+
+def test_bf16_run_is_its_own_configuration(tmp_path):
+    """Run(bf16=True) pretrains in mixed precision without touching the preset, and a run folder made one way
+    refuses the other."""
+    run = etarl.Run("tiny", out=str(tmp_path), progress=False, bf16=True)
+    assert run.cfg.pretrain.bf16 and not etarl.get_preset("tiny").pretrain.bf16
+    with pytest.raises(ValueError, match="another configuration"):
+        etarl.Run("tiny", out=str(tmp_path), progress=False)
+
+
 def test_probe_recovers_a_linear_code_and_not_noise():
     """The probe finds a linearly encoded label (~1.0) and stays near chance on random labels."""
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
   python experiments/timing.py            # on a GPU: the paper's shapes and batch sizes (1024 grid, 512 ant)
   python experiments/timing.py rollouts   # in the folder of `python etarl.py`: rollouts with and without the cut
   python experiments/timing.py metacontroller [REV [THREADS]]   # there too: metacontroller training, against REV's
+  python experiments/timing.py bf16       # there too: a cpu-preset pretraining step in float32 and in bfloat16
 
 Times one AdamW step of each paper-preset base model (fp32 with TF32 matmuls, then bf16 autocast) and scales it
 to the paper's number of steps. The grid step uses real expert batches built on the device; the ant step uses
@@ -26,10 +27,16 @@ twice each. Then, as the cpu preset trains (MetaConfig(cache_stream=True)): the 
 set (its build time) and both configs' steps on it (Eq. 3's is the forced-switch baseline's, without the forcing),
 again in turn with REV's if REV has the cache (e93568a and later; say 1b3737f, before Eq. 13's embedding ran
 unpacked).
+
+`bf16` times one AdamW step of the cpu preset's pretraining (batch 64 of the run's training episodes) in float32
+and under the bfloat16 autocast of PretrainConfig(bf16=True), 20 steps each, two rounds in turn, best of the two.
+Run it as ONEDNN_MAX_CPU_ISA=AVX512_CORE or =AVX2 python experiments/timing.py bf16 to see a CPU without native
+bfloat16 instructions (oneDNN then takes the slower paths it has there).
 """
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -209,9 +216,25 @@ def metacontroller(rev: str | None = None, threads: str = "1") -> dict:
     return result
 
 
+def bf16() -> dict:
+    run = etarl.Run("cpu", progress=False)
+    train, model = run.data()[0], etarl.build_model(run.cfg.model)
+    rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
+    batches = [train.batch(etarl.length_bucketed_batch(by_length, run.cfg.pretrain.batch_size, rng), "cpu")
+               for _ in range(22)]                   # the same 2 + 20 batches for every timing: lengths vary
+    result = {"ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "(unset)"), "threads": torch.get_num_threads()}
+    for _ in range(2):
+        for precision in ("fp32", "bf16"):
+            batch = iter(batches).__next__
+            s = seconds_per_call(train_step(model, batch, bf16=precision == "bf16"), 20, torch.device("cpu"))
+            result[f"{precision} s/step"] = min(s, result.get(f"{precision} s/step", s))
+    result["bf16 / fp32"] = result["bf16 s/step"] / result["fp32 s/step"]
+    return result
+
+
 if __name__ == "__main__":
-    commands = {"paper": main, "rollouts": rollouts, "metacontroller": metacontroller}
+    commands = {"paper": main, "rollouts": rollouts, "metacontroller": metacontroller, "bf16": bf16}
     name, *rest = sys.argv[1:] or ["paper"]
     if name not in commands or len(rest) > 2 * (name == "metacontroller"):   # only metacontroller takes arguments
-        sys.exit("usage: python experiments/timing.py [rollouts | metacontroller [REV [THREADS]]]")
+        sys.exit("usage: python experiments/timing.py [rollouts | metacontroller [REV [THREADS]] | bf16]")
     print(json.dumps(commands[name](*rest), indent=1))
