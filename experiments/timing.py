@@ -29,7 +29,8 @@ again in turn with REV's if REV has the cache (e93568a and later; say 1b3737f, b
 unpacked).
 
 `bf16` times one AdamW step of the cpu preset's pretraining (batch 64 of the run's training episodes) in float32
-and under the bfloat16 autocast of PretrainConfig(bf16=True), 20 steps each, two rounds in turn, best of the two.
+and under the bfloat16 autocast of PretrainConfig(bf16=True), 20 steps each, two rounds in turn, best of the two;
+then the ant-cpu preset's (batch 16 of random observations, T = 500), 5 steps each.
 Run it as ONEDNN_MAX_CPU_ISA=AVX512_CORE or =AVX2 python experiments/timing.py bf16 to see a CPU without native
 bfloat16 instructions (oneDNN then takes the slower paths it has there).
 """
@@ -229,6 +230,13 @@ def bf16() -> dict:
             s = seconds_per_call(train_step(model, batch, bf16=precision == "bf16"), 20, torch.device("cpu"))
             result[f"{precision} s/step"] = min(s, result.get(f"{precision} s/step", s))
     result["bf16 / fp32"] = result["bf16 s/step"] / result["fp32 s/step"]
+    ant_cfg = etarl.get_preset("cpu", "ant")                    # and the ant-cpu preset's Hawk, at T = 500
+    ant, ant_data = etarl.build_model(ant_cfg.model, "ant"), ant_batch(ant_cfg.pretrain.batch_size, 500, "cpu")
+    for _ in range(2):
+        for precision in ("fp32", "bf16"):
+            s = seconds_per_call(train_step(ant, lambda: ant_data, bf16=precision == "bf16"), 5, torch.device("cpu"))
+            result[f"ant {precision} s/step"] = min(s, result.get(f"ant {precision} s/step", s))
+    result["ant bf16 / fp32"] = result["ant bf16 s/step"] / result["ant fp32 s/step"]
     return result
 
 
