@@ -156,9 +156,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     bfloat16 torch.autocast: matmuls in bfloat16; the residual stream, the losses, the RG-LRU recurrence, the
     weights and AdamW in float32; the gate and every later stage in float32. The paper does not say what
     precision it trained in. On a CPU with AVX512-BF16 the cpu preset's pretraining ran 1.3-1.4x faster and
-    passed the gate after 12.3 minutes instead of 18.1-19.7, with the same gate curve (within 0.015) and
-    downstream results; a CPU without native bfloat16 takes 1.8-13x as long per step as in float32 (experiments/
-    README.md, section 1), hence off.
+    passed the gate at the same step (9,000) after 13.7 minutes instead of 18.1-19.7, its gate curve within 0.015
+    of float32's and its downstream results within their run-to-run spread; with oneDNN held to instruction sets
+    without bfloat16 a step took 1.8-13x as long as in float32 (experiments/README.md, section 1), hence off.
 """
 from __future__ import annotations
 
@@ -912,6 +912,11 @@ class BaseModel(nn.Module):
         self.action_head = heads[cfg.head](cfg.d_model, n_actions)
         self.obs_head = nn.Linear(cfg.d_model, obs_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, which the residual stream and the losses keep under a bfloat16 autocast."""
+        return self.action_head.proj.weight.dtype
+
     def forward(self, obs, control=None, return_residuals=False, cache=None, start=0, from_layer=0):
         """obs (B, T, O) at time steps start .. start+T-1. Returns a dict with action logits (B, T, A),
         the final normed stream h (B, T, D), and the residual list [(B, T, D)] * (L+1) if asked.
@@ -922,7 +927,7 @@ class BaseModel(nn.Module):
         if control is not None and not from_layer <= control.layer < len(self.blocks):
             raise ValueError(f"a control at layer {control.layer} cannot edit a stream given at layer {from_layer} of "
                              f"a model with {len(self.blocks)} blocks (layers {from_layer} .. {len(self.blocks) - 1})")
-        e = self.encoder(obs).to(obs.dtype) if from_layer == 0 else obs   # (B, T, D); full precision under autocast
+        e = self.encoder(obs).to(self.dtype) if from_layer == 0 else obs   # (B, T, D), not bfloat16 under autocast
         residuals = [e]
         for l, block in enumerate(self.blocks[from_layer:], from_layer):
             if control is not None and control.layer == l:
@@ -936,7 +941,7 @@ class BaseModel(nn.Module):
         """The uncontrolled residual stream before block `layer` (B, T, D) for whole sequences obs (B, T, O):
         what forward computes below a controller at `layer`, which no controller there can change."""
         pos = torch.arange(obs.shape[1], device=obs.device)
-        e = self.encoder(obs)
+        e = self.encoder(obs).to(self.dtype)
         for block in self.blocks[:layer]:
             e = block(e, pos)
         return e
@@ -972,7 +977,7 @@ class BaseModel(nn.Module):
             out = self(batch["stream"], control, from_layer=batch["layer"])
         else:
             out = self(obs[:, :-1], control)
-        m, logits = mask.float(), out["logits"].float()              # float32 losses, also under autocast
+        m, logits = mask.float(), out["logits"].to(self.dtype)       # full-precision losses under autocast too
         if shortest:
             scored = (mask & batch["optimal"].any(-1)).float()
             action_nll = -(shortest_path_log_prob(logits, batch["optimal"]) * scored).sum() / scored.sum()
@@ -983,7 +988,7 @@ class BaseModel(nn.Module):
             if obs is None:
                 raise ValueError("the next-observation loss needs the batch's observations; a StreamCache batch has "
                                  "none (pass obs_loss=False)")
-            pred = self.obs_head(out["h"]).float()
+            pred = self.obs_head(out["h"]).to(self.dtype)
             if self.cfg.head == "categorical":                        # one-hot grid: Bernoulli per dimension
                 obs_nll = F.binary_cross_entropy_with_logits(pred, obs[:, 1:], reduction="none")
             else:                                                     # continuous: unit-variance Gaussian
@@ -2311,8 +2316,9 @@ class Run:
         config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         saved = self.dir / "config.json"
         if saved.exists() and _with_defaults(_json_load(saved), config) != config:
-            raise ValueError(f"{self.dir} holds a run made with another configuration; "
-                             "choose another --out folder or delete that one")
+            differ = _config_differences(_with_defaults(_json_load(saved), config), config)
+            raise ValueError(f"{self.dir} holds a run made with another configuration ({'; '.join(differ[:3])}"
+                             f"{'; ...' if len(differ) > 3 else ''}); choose another --out folder or delete that one")
         _json_save(config, saved)
         self._memo = {}
 
@@ -2581,6 +2587,17 @@ def _with_defaults(saved: dict, current: dict) -> dict:
             else saved.get(k, v) for k, v in current.items()}
 
 
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'section.field: saved -> current' for each field where two configs (as JSON dicts) differ."""
+    out = []
+    for k, v in current.items():
+        if isinstance(v, dict) and isinstance(saved.get(k), dict):
+            out += _config_differences(saved[k], v, f"{prefix}{k}.")
+        elif saved.get(k) != v:
+            out.append(f"{prefix}{k}: {saved.get(k)!r} in the folder, {v!r} now")
+    return out
+
+
 def _json_save(obj, path):
     """Write through a temporary file and rename it, so that a reader (another process using the same run
     folder, or a resumed run after an interruption) never sees a half-written file."""
@@ -2768,7 +2785,10 @@ def main(argv=None) -> None:
         get_preset(args.preset, args.env)
     except ValueError as err:
         p.error(str(err))
-    run = Run(args.preset, args.seed, args.out, args.device, env=args.env, bf16=args.bf16)
+    try:
+        run = Run(args.preset, args.seed, args.out, args.device, env=args.env, bf16=args.bf16)
+    except ValueError as err:                                         # a run folder made with another configuration
+        p.error(str(err))
     results = run.results(args.force, args.sweep)
     print(json.dumps(results, indent=1))
 

@@ -530,14 +530,27 @@ def test_bf16_autocast_changes_the_loss_only_by_rounding(world, data):
         model, gen = _hawk(), torch.Generator().manual_seed(0)
         batch = {"obs": torch.randn(4, 13, _hawk().obs_dim, generator=gen),
                  "actions": torch.randn(4, 12, 8, generator=gen), "mask": torch.ones(4, 12, dtype=torch.bool)}
-    exact = model.loss(batch)
+    exact, m = model.loss(batch), batch["mask"].float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model.loss(batch)
         stream = model(batch["obs"][:, :-1], return_residuals=True)["residuals"]
+        logits = mixed["out"]["logits"]                               # the head ran in bfloat16, the loss reads
+        read = -(model.action_head.log_prob(logits.float(), batch["actions"]) * m).sum() / m.sum()   # it in float32
+    assert logits.dtype == torch.bfloat16 and mixed["action_nll"].item() == read.item()
     assert mixed["loss"].dtype == torch.float32 and all(e.dtype == torch.float32 for e in stream)
     for k in ("action_nll", "obs_nll"):
         assert abs(mixed[k].item() - exact[k].item()) < 0.02 * abs(exact[k].item())
         assert mixed[k].item() != exact[k].item()                     # the autocast did act
+
+
+def test_pretrain_runs_in_bf16_only_when_asked(data):
+    """PretrainConfig(bf16=True) moves pretraining's losses by rounding only; without it they are exactly repeatable."""
+    losses = {False: [], True: []}
+    for bf16 in (False, True, False):
+        cfg = etarl.PretrainConfig(steps=3, batch_size=16, warmup=1, eval_every=10**6, bf16=bf16)
+        losses[bf16].append(etarl.pretrain(_model(), *data, cfg, progress=False)["loss"])
+    assert losses[False][0] == losses[False][1]
+    assert losses[True][0] != losses[False][0] and np.allclose(losses[True][0], losses[False][0], rtol=0.02)
 
 
 def test_rglru_recurrence_ignores_a_bf16_autocast():
@@ -554,7 +567,7 @@ def test_bf16_run_is_its_own_configuration(tmp_path):
     refuses the other."""
     run = etarl.Run("tiny", out=str(tmp_path), progress=False, bf16=True)
     assert run.cfg.pretrain.bf16 and not etarl.get_preset("tiny").pretrain.bf16
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"another configuration \(pretrain.bf16: True in the folder, False now\)"):
         etarl.Run("tiny", out=str(tmp_path), progress=False)
 
 

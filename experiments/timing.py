@@ -31,10 +31,11 @@ unpacked).
 `bf16` times one AdamW step of the cpu preset's pretraining (batch 64 of the run's training episodes) in float32
 and under the bfloat16 autocast of PretrainConfig(bf16=True), 20 steps each, two rounds in turn, best of the two;
 then the ant-cpu preset's (batch 16 of random observations, T = 500), 5 steps each.
-Run it as ONEDNN_MAX_CPU_ISA=AVX512_CORE or =AVX2 python experiments/timing.py bf16 to see a CPU without native
-bfloat16 instructions (oneDNN then takes the slower paths it has there).
+With ONEDNN_MAX_CPU_ISA=AVX512_CORE (or AVX2) in its environment, oneDNN leaves out the bfloat16 instructions
+(or all of AVX-512), as on a CPU that lacks them, and takes its slower paths.
 """
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -218,27 +219,27 @@ def metacontroller(rev: str | None = None, threads: str = "1") -> dict:
 
 
 def bf16() -> dict:
+    cpu, steps = torch.device("cpu"), 20
+    result = {"ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "(unset)"), "threads": torch.get_num_threads()}
+
+    def best_of_two(name: str, model, batches: list, n: int) -> None:
+        """Seconds per step in float32 and in bfloat16, in turn, twice; each on the same batches (2 warm-up + n)."""
+        for _ in range(2):
+            for precision in ("fp32", "bf16"):
+                s = seconds_per_call(train_step(model, functools.partial(next, iter(batches)), precision == "bf16"),
+                                     n, cpu)
+                result[f"{name}{precision} s/step"] = min(s, result.get(f"{name}{precision} s/step", s))
+        result[f"{name}bf16 / fp32"] = result[f"{name}bf16 s/step"] / result[f"{name}fp32 s/step"]
+
     run = etarl.Run("cpu", progress=False)
-    train, model = run.data()[0], etarl.build_model(run.cfg.model)
+    train = run.data()[0]
     rng, by_length = np.random.default_rng(0), np.argsort(train.lengths, kind="stable")
     batches = [train.batch(etarl.length_bucketed_batch(by_length, run.cfg.pretrain.batch_size, rng), "cpu")
-               for _ in range(22)]                   # the same 2 + 20 batches for every timing: lengths vary
-    result = {"ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "(unset)"), "threads": torch.get_num_threads()}
-    for _ in range(2):
-        for precision in ("fp32", "bf16"):
-            batch = iter(batches).__next__
-            s = seconds_per_call(train_step(model, batch, bf16=precision == "bf16"), 20, torch.device("cpu"))
-            result[f"{precision} s/step"] = min(s, result.get(f"{precision} s/step", s))
-    result["bf16 / fp32"] = result["bf16 s/step"] / result["fp32 s/step"]
-    ant_cfg = etarl.get_preset("cpu", "ant")                    # and the ant-cpu preset's Hawk, at T = 500
-    ant, ant_data = etarl.build_model(ant_cfg.model, "ant"), ant_batch(ant_cfg.pretrain.batch_size, 500, "cpu")
-    for _ in range(2):
-        for precision in ("fp32", "bf16"):
-            s = seconds_per_call(train_step(ant, lambda: ant_data, bf16=precision == "bf16"), 5, torch.device("cpu"))
-            result[f"ant {precision} s/step"] = min(s, result.get(f"ant {precision} s/step", s))
-    result["ant bf16 / fp32"] = result["ant bf16 s/step"] / result["ant fp32 s/step"]
+               for _ in range(2 + steps)]                 # the same batches for every timing: their lengths vary
+    best_of_two("", etarl.build_model(run.cfg.model), batches, steps)
+    ant = etarl.get_preset("cpu", "ant")                          # and the ant-cpu preset's Hawk, at T = 500
+    best_of_two("ant ", etarl.build_model(ant.model, "ant"), [ant_batch(ant.pretrain.batch_size, 500, "cpu")] * 7, 5)
     return result
-
 
 if __name__ == "__main__":
     commands = {"paper": main, "rollouts": rollouts, "metacontroller": metacontroller, "bf16": bf16}
