@@ -2315,8 +2315,8 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         saved = self.dir / "config.json"
-        if saved.exists() and _with_defaults(_json_load(saved), config) != config:
-            differ = _config_differences(_with_defaults(_json_load(saved), config), config)
+        differ = _config_differences(_with_defaults(_json_load(saved), config), config) if saved.exists() else []
+        if differ:
             raise ValueError(f"{self.dir} holds a run made with another configuration ({'; '.join(differ[:3])}"
                              f"{'; ...' if len(differ) > 3 else ''}); choose another --out folder or delete that one")
         _json_save(config, saved)
@@ -2588,7 +2588,7 @@ def _with_defaults(saved: dict, current: dict) -> dict:
 
 
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'section.field: saved -> current' for each field where two configs (as JSON dicts) differ."""
+    """'section.field: <saved> in the folder, <current> now' for each field where two configs (JSON dicts) differ."""
     out = []
     for k, v in current.items():
         if isinstance(v, dict) and isinstance(saved.get(k), dict):

@@ -528,7 +528,7 @@ def test_bf16_autocast_changes_the_loss_only_by_rounding(world, data):
         model, batch = _model(), data[0].batch(np.arange(16), "cpu")
     else:
         model, gen = _hawk(), torch.Generator().manual_seed(0)
-        batch = {"obs": torch.randn(4, 13, _hawk().obs_dim, generator=gen),
+        batch = {"obs": torch.randn(4, 13, model.obs_dim, generator=gen),
                  "actions": torch.randn(4, 12, 8, generator=gen), "mask": torch.ones(4, 12, dtype=torch.bool)}
     exact, m = model.loss(batch), batch["mask"].float()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -241,6 +241,7 @@ def bf16() -> dict:
     best_of_two("ant ", etarl.build_model(ant.model, "ant"), [ant_batch(ant.pretrain.batch_size, 500, "cpu")] * 7, 5)
     return result
 
+
 if __name__ == "__main__":
     commands = {"paper": main, "rollouts": rollouts, "metacontroller": metacontroller, "bf16": bf16}
     name, *rest = sys.argv[1:] or ["paper"]
