@@ -2315,7 +2315,7 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         saved = self.dir / "config.json"
-        differ = _config_differences(_with_defaults(_json_load(saved), config), config) if saved.exists() else []
+        differ = _config_differences(_json_load(saved), config) if saved.exists() else []
         if differ:
             raise ValueError(f"{self.dir} holds a run made with another configuration ({'; '.join(differ[:3])}"
                              f"{'; ...' if len(differ) > 3 else ''}); choose another --out folder or delete that one")
@@ -2580,21 +2580,17 @@ class Run:
         return results
 
 
-def _with_defaults(saved: dict, current: dict) -> dict:
-    """A saved config with the fields added to the code since it was written filled in from `current`:
-    a new field whose default keeps the old behaviour does not invalidate an existing run folder."""
-    return {k: _with_defaults(saved[k], v) if isinstance(v, dict) and isinstance(saved.get(k), dict)
-            else saved.get(k, v) for k, v in current.items()}
-
-
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'section.field: <saved> in the folder, <current> now' for each field where two configs (JSON dicts) differ."""
+    """'section.field: <saved> in the folder, <current> now' for each field where a run folder's saved config (a
+    JSON dict) differs from the current one. A field the saved config lacks (added to the code since) counts as
+    its current value: a new field whose default keeps the old behaviour does not invalidate an existing folder."""
     out = []
     for k, v in current.items():
-        if isinstance(v, dict) and isinstance(saved.get(k), dict):
-            out += _config_differences(saved[k], v, f"{prefix}{k}.")
-        elif saved.get(k) != v:
-            out.append(f"{prefix}{k}: {saved.get(k)!r} in the folder, {v!r} now")
+        old = saved.get(k, v)
+        if isinstance(v, dict) and isinstance(old, dict):
+            out += _config_differences(old, v, f"{prefix}{k}.")
+        elif old != v:
+            out.append(f"{prefix}{k}: {old!r} in the folder, {v!r} now")
     return out
 
 
