@@ -38,10 +38,12 @@ Deviations and choices (where the paper is silent or where we differ; also liste
  3. Model size and data volume at the cpu preset are far below the paper's (see PRESETS). The paper does
     not give the rate-distortion sweep's length: the paper preset trains a frozen-base point 16k steps (a
     quarter of its main metacontroller's 64k, for time), a co-trained one 64k; the cpu preset 1,500 each.
+    The paper preset draws its 262M training episodes from 2M stored ones (each seen about 131 times).
  4. Layouts are rejection-sampled so that every colour is reachable (envs.sample_layout); otherwise
     the expert could not be perfect on enclosed layouts.
- 5. Batches are cut to their longest episode and drawn from windows of similar length (losses are
-    masked by episode length); the next-observation loss is a Bernoulli likelihood per dimension.
+ 5. Batches are cut to their longest episode and drawn from buckets of similar length, every episode
+    equally likely (losses are masked by episode length); the next-observation loss is a Bernoulli
+    likelihood per dimension.
  6. Probes: multinomial logistic regression on standardised residuals, fitted by L-BFGS on one half
     of held-out expert episodes and scored on the other half.
  7. Metacontroller: the non-causal sequence embedding s (Eq. 13) is a bidirectional GRU over the valid
@@ -93,10 +95,11 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     only then). PPO: 4 passes per batch, clip 0.2, gradients clipped at norm 1; batches in which every
     episode got the same return are skipped (their advantages are all 0).
 12. RL budget at the cpu preset: batches of 256 episodes (paper 1024), 6,144 episodes per run (paper up
-    to ~1e6), lr scan {3e-4, 3e-3} on seed 0 (paper 3e-6 .. 3e-4), then seeds 1-2 at the best lr.
-    Raw-action RL finetunes every base-model parameter. "Final success" is the median over seeds of the
-    mean batch success over the last quarter of a run; seed 0's run at the chosen lr is one of those
-    seeds (it also chose the lr, a small upward bias). Each method's random codes and random actions
+    to ~1e6), lr scan {3e-4, 3e-3} on seed 0 (paper 3e-6 .. 3e-4), then seeds 1-2 at the best lr
+    (with --seed N, seeds 3N .. 3N+2; Fig. 7's sweep likewise). Raw-action RL finetunes every base-model
+    parameter. "Final success" is the median over seeds of the mean batch success over the last quarter
+    of a run; the scan's run at the chosen lr is one of those seeds (it also chose the lr, a small upward
+    bias). Each method's random codes and random actions
     draw from separate generators. The budget matters: on tasks where some episodes succeed, internal RL
     on the 6,000-step lead learns only over hundreds of thousands of episodes (lab notes, section 5).
 13. CompILE (baseline 4): boundaries follow a discrete hazard model read causally from o_1:t (segment i
@@ -159,6 +162,11 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     passed the gate at the same step (9,000) after 13.7 minutes instead of 18.1-19.7, its gate curve within 0.015
     of float32's and its downstream results within their run-to-run spread; with oneDNN held to instruction sets
     without bfloat16 a step took 1.8-13x as long as in float32 (experiments/README.md, section 1), hence off.
+24. Smaller choices the paper leaves open: T5's causal relative-position buckets (16 exact distances, then
+    log-spaced up to 128 steps, beyond which distances share the last bucket); gradients clipped at norm 1
+    in pretraining and CompILE's training as well (deviations 7 and 11 for the others); the co-trained
+    baseline's base model, trained from scratch, also gets Eq. 5's next-observation term (weight lambda)
+    besides Eq. 3; PPO's advantage divides by the unbiased standard deviation of the batch's returns.
 """
 from __future__ import annotations
 
@@ -316,7 +324,7 @@ class RLConfig:
     lr 3e-5 scanned over 3e-6 .. 3e-4, a 1-layer SSM policy of width 256, up to ~1e6 episodes."""
     episodes: int = 6_144       # episodes per RL run
     batch_episodes: int = 256
-    lrs: tuple = (3e-4, 3e-3)   # each method's lr scan (seed 0); the best lr then runs every seed
+    lrs: tuple = (3e-4, 3e-3)   # each method's lr scan (first seed); the best lr then runs every seed
     seeds: int = 3
     epochs: int = 4             # PPO passes over each batch
     clip: float = 0.2
@@ -1084,11 +1092,15 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def length_bucketed_batch(by_length: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Episodes of similar length (a random window of the length-sorted order), so that cutting the
-    batch to its longest episode wastes little compute on padding."""
-    window = min(len(by_length), 8 * batch_size)
-    start = rng.integers(len(by_length) - window + 1)
-    return by_length[start + rng.choice(window, size=min(batch_size, window), replace=False)]
+    """Episodes of similar length, so that cutting the batch to its longest episode wastes little compute
+    on padding. The length-sorted order is cut into near-equal buckets of 8 to 16 batches; a uniformly drawn
+    episode picks the bucket (so a bucket is drawn in proportion to its size) and the batch is drawn from it
+    without replacement. Every episode is then equally likely to be in a batch (a window sliding over the
+    sorted order would draw the shortest and the longest episodes less often)."""
+    bounds = np.linspace(0, len(by_length), max(1, len(by_length) // (8 * batch_size)) + 1).astype(np.int64)
+    k = np.searchsorted(bounds, rng.integers(len(by_length)), side="right") - 1
+    size = bounds[k + 1] - bounds[k]
+    return by_length[bounds[k] + rng.choice(size, size=min(batch_size, size), replace=False)]
 
 
 def pretrain(model: BaseModel, data: Episodes, eval_data: Episodes, cfg: PretrainConfig, seed: int = 0,
@@ -1875,13 +1887,14 @@ def load_meta(path, device=None):
 
 
 def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, test: Episodes, meta_cfg: MetaConfig,
-                    sweep: SweepConfig, progress: bool = True, points_file=None) -> list[dict]:
-    """Fig. 7: for each alpha and seed, train a metacontroller on the frozen base model and one jointly with a
+                    sweep: SweepConfig, progress: bool = True, points_file=None, first_seed: int = 0) -> list[dict]:
+    """Fig. 7: for each alpha and seed (first_seed, first_seed + 1, ...), train a metacontroller on the frozen base model and one jointly with a
     fresh base model (co-trained); record distortion (action NLL), rate (KL), switch alignment and the point's
     wall time. With `points_file`, every finished point is saved there at once and skipped when the sweep
     starts again, so an interrupted sweep resumes."""
     device = next(base.parameters()).device
-    points = [(co, a, s) for co in (False, True) for a in sweep.alphas for s in range(sweep.seeds)]
+    seeds = range(first_seed, first_seed + sweep.seeds)
+    points = [(co, a, s) for co in (False, True) for a in sweep.alphas for s in seeds]
     key = lambda row: (row["base"] == "co-trained", row["alpha"], row["seed"])
     saved = _json_load(points_file) if points_file is not None and Path(points_file).exists() else []
     rows = [r for r in saved if key(r) in points]                     # points of another sweep are dropped
@@ -2233,20 +2246,20 @@ def success_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rl_experiment(learners: dict, task, cfg: RLConfig, progress: bool = True) -> dict:
-    """Fig. 8: every method with the same RL. For each, an lr scan on seed 0, then seeds 1.. at the lr whose
-    last quarter of batches had the highest success. learners maps a method's name to a function that
-    builds a fresh learner (it is called after the seed is set)."""
-    out = {}
+def rl_experiment(learners: dict, task, cfg: RLConfig, progress: bool = True, first_seed: int = 0) -> dict:
+    """Fig. 8: every method with the same RL. For each, an lr scan on seed first_seed, then the next
+    cfg.seeds - 1 seeds at the lr whose last quarter of batches had the highest success. learners maps a
+    method's name to a function that builds a fresh learner (it is called after the seed is set)."""
+    out, seeds = {}, range(first_seed, first_seed + cfg.seeds)
     for name, make in learners.items():
         def run_one(lr, seed):
             torch.manual_seed(seed)
             learner = make()
             return learner, train_rl(learner, task, cfg, lr, seed, progress, desc=f"{name} lr={lr:g} seed={seed}")
-        scan = {lr: run_one(lr, 0) for lr in cfg.lrs}
+        scan = {lr: run_one(lr, seeds[0]) for lr in cfg.lrs}
         tail = lambda h: float(np.mean(h["success"][-max(1, len(h["success"]) // 4):]))
         best = max(cfg.lrs, key=lambda lr: tail(scan[lr][1]))
-        runs = [scan[best][1]] + [run_one(best, seed)[1] for seed in range(1, cfg.seeds)]
+        runs = [scan[best][1]] + [run_one(best, seed)[1] for seed in seeds[1:]]
         out[name] = {"lr": best, "scan": {str(lr): tail(h) for lr, (_, h) in scan.items()}, "runs": runs,
                      "final_success": float(np.median([tail(h) for h in runs])), "learner": scan[best][0]}
     return out
@@ -2368,7 +2381,12 @@ class Run:
         """What the supervised controllers and the metacontrollers train on: noise-free expert episodes (the
         paper uses the expert's mean actions). The grid's training set is noise-free already (eps = 0); the
         ant gets a set of its own, cfg.data.n_meta episodes from a disjoint seed range."""
-        n = self.cfg.data.n_meta
+        d = self.cfg.data
+        n = d.n_meta
+        if not n and (d.eps > 0 or d.noise > 0):
+            raise ValueError(f"DataConfig(eps={d.eps}, noise={d.noise}, n_meta=0): the controllers and "
+                             "metacontrollers train on noise-free episodes (App. C.3), and this training set is "
+                             "noisy; set n_meta > 0 to give them a noise-free set of their own")
         return self._episodes("data_meta", "noise_free.npz", n, self.seed * 10**7 + 7 * 10**6) if n else self.data()[0]
 
     def base_model(self) -> tuple[BaseModel, dict]:
@@ -2492,7 +2510,8 @@ class Run:
             for name in [m for m in rl.methods if m in BASELINE_STAGES]:   # train the baselines' models first
                 getattr(self, BASELINE_STAGES[name][1])()
             task = envs.parse_task(rl.task)
-            result = rl_experiment({k: learners[k] for k in rl.methods}, task, rl, self.progress)
+            result = rl_experiment({k: learners[k] for k in rl.methods}, task, rl, self.progress,
+                                   first_seed=self.seed * rl.seeds)            # --seed N: seeds of their own
             chunks = [min(2_000, rl.base_episodes - i) for i in range(0, rl.base_episodes, 2_000)]
             k = sum(int(rollout(base, task, n, 10**8 + 2_000 * i)["success"].sum()) for i, n in enumerate(chunks))
             result["base"] = {"successes": k, "episodes": rl.base_episodes,
@@ -2509,7 +2528,7 @@ class Run:
         return self._stage("internal_rl", "internal_rl.json", make, save, _json_load)
 
     def rl_learner(self, force: bool = False) -> InternalRL:
-        """The internal-RL learner of seed 0 at its best lr, reloaded from rl_policy.pt."""
+        """The internal-RL learner of the lr scan's seed at its best lr, reloaded from rl_policy.pt."""
         self.internal_rl(force)
         learner = InternalRL(self.base_model()[0], self.metacontroller(force)[0], self.cfg.rl.hidden)
         learner.policy.load_state_dict(torch.load(self.dir / "rl_policy.pt", map_location=self.device))
@@ -2522,7 +2541,8 @@ class Run:
                 require_gate(self.gate(), "rate-distortion sweep", self.env)
             return rate_distortion(freeze(self.base_model()[0]), self.cfg.model, self.meta_data(), self.data()[1],
                                    self.meta_eq3, self.cfg.sweep, self.progress,
-                                   points_file=self.dir / "rate_distortion_points.json")
+                                   points_file=self.dir / "rate_distortion_points.json",
+                                   first_seed=self.seed * self.cfg.sweep.seeds)
         return self._stage("rate_distortion", "rate_distortion.json", make, _json_save, _json_load)
 
     def times(self) -> dict:

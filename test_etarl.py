@@ -520,6 +520,23 @@ def test_pretraining_learns_to_navigate(trained):
     assert gate["sp_all"] > uniform + 0.1
 
 
+@pytest.mark.parametrize("n, batch_size", [(400, 16), (800, 16), (100, 64)])
+def test_length_bucketed_batches_draw_every_episode_equally_often(n, batch_size):
+    """Batches hold distinct episodes of similar length, and no episode is drawn more or less often than
+    another: not the shortest or the longest either (a window sliding over the sorted order would draw the
+    extreme tenths of the ant-cpu sets at about a quarter to a third of the rate of the rest)."""
+    rng, by_length = np.random.default_rng(0), np.random.default_rng(1).permutation(n)
+    rank, counts, draws = np.argsort(by_length), np.zeros(n), 4000
+    for _ in range(draws):
+        idx = etarl.length_bucketed_batch(by_length, batch_size, rng)
+        assert len(np.unique(idx)) == len(idx) == min(batch_size, n)
+        assert np.ptp(rank[idx]) < max(16 * batch_size, n)          # neighbours in the sorted order
+        counts[idx] += 1
+    rate = counts[by_length] / (draws * min(batch_size, n) / n)      # by length; 1.0: drawn as often as the average
+    tenths = rate.reshape(10, -1).mean(1)
+    assert np.abs(tenths - 1).max() < 0.15, tenths                    # the sliding window: 0.23-0.38 at the ends
+
+
 @pytest.mark.parametrize("world", ["grid", "ant"])
 def test_bf16_autocast_changes_the_loss_only_by_rounding(world, data):
     """Under the bfloat16 autocast of PretrainConfig(bf16=True) the losses come out in float32 and within
@@ -1226,6 +1243,17 @@ def test_run_folder_refuses_another_configuration(tmp_path):
         etarl.Run("tiny", out=str(tmp_path), progress=False)
 
 
+def test_noisy_training_data_is_no_silent_stand_in_for_noise_free_data(tmp_path):
+    """The controllers and metacontrollers train on noise-free episodes: with a noisy training set and no
+    noise-free set of their own (n_meta = 0), asking for their data is an error that names the fix."""
+    run = etarl.Run("tiny", out=str(tmp_path), progress=False)
+    assert run.meta_data() is run.data()[0]                           # eps = 0: the training set itself
+    run = etarl.Run("tiny", out=str(tmp_path / "noisy"), progress=False)
+    run.cfg = dataclasses.replace(run.cfg, data=dataclasses.replace(run.cfg.data, eps=0.1))
+    with pytest.raises(ValueError, match="n_meta > 0"):
+        run.meta_data()
+
+
 # ==================================================================================================
 # Internal RL (etarl.py section 8)
 # ==================================================================================================
@@ -1236,6 +1264,29 @@ def _internal(force_switch=False, switch_bias=0.0, rank=4):
         meta.switch[-1].bias.fill_(switch_bias)
         meta.hyper[-1].weight.mul_(20)                                # a decoder with a visible effect
     return etarl.InternalRL(model, meta, hidden=16)
+
+
+def test_rl_seeds_follow_the_runs_seed():
+    """rl_experiment scans the lr on its first seed and runs the next ones at the best lr; a run with
+    --seed N (first_seed = 3N) draws layouts and noise from seeds no other run seed uses."""
+    class Recorder(nn.Linear):                                        # a learner that never succeeds
+        def __init__(self, seeds):
+            super().__init__(1, 1)
+            self.seeds = seeds
+
+        def act(self, task, n, seed):
+            self.seeds.append(seed)
+            return {"success": np.zeros(n), "progress": np.zeros(n), "decisions": 1.0, "old_logp": torch.zeros(1)}
+
+    cfg = etarl.RLConfig(episodes=4, batch_episodes=2, lrs=(1e-3, 1e-2), seeds=3)
+    used = {}
+    for first in (0, 3):
+        seeds = used.setdefault(first, [])
+        out = etarl.rl_experiment({"internal": lambda: Recorder(seeds)}, parse_task("0-1"), cfg, False, first)
+        assert len(out["internal"]["runs"]) == 3
+    run_seed = lambda s: {x // 10**7 for x in s}
+    assert run_seed(used[0]) == {0, 1, 2} and run_seed(used[3]) == {3, 4, 5}
+    assert used[0].count(0) == len(cfg.lrs)                           # the scan: batch 0 of seed 0, once per lr
 
 
 @pytest.mark.parametrize("rank", [4, 0])
