@@ -99,9 +99,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     (with --seed N, seeds 3N .. 3N+2; Fig. 7's sweep likewise). Raw-action RL finetunes every base-model
     parameter. "Final success" is the median over seeds of the mean batch success over the last quarter
     of a run; the scan's run at the chosen lr is one of those seeds (it also chose the lr, a small upward
-    bias). Each method's random codes and random actions
-    draw from separate generators. The budget matters: on tasks where some episodes succeed, internal RL
-    on the 6,000-step lead learns only over hundreds of thousands of episodes (lab notes, section 5).
+    bias). Each method's random codes and random actions draw from separate generators. The budget
+    matters: on tasks where some episodes succeed, internal RL on the 6,000-step lead learns only over
+    hundreds of thousands of episodes (lab notes, section 5).
 13. CompILE (baseline 4): boundaries follow a discrete hazard model read causally from o_1:t (segment i
     ends at t with probability sigmoid(l_t) given that it has not ended before) instead of CompILE's
     softmax over the whole sequence, so that internal RL can fire its gate where sigmoid(l_t) > 0.5;
@@ -1888,10 +1888,10 @@ def load_meta(path, device=None):
 
 def rate_distortion(base: BaseModel, model_cfg: ModelConfig, train: Episodes, test: Episodes, meta_cfg: MetaConfig,
                     sweep: SweepConfig, progress: bool = True, points_file=None, first_seed: int = 0) -> list[dict]:
-    """Fig. 7: for each alpha and seed (first_seed, first_seed + 1, ...), train a metacontroller on the frozen base model and one jointly with a
-    fresh base model (co-trained); record distortion (action NLL), rate (KL), switch alignment and the point's
-    wall time. With `points_file`, every finished point is saved there at once and skipped when the sweep
-    starts again, so an interrupted sweep resumes."""
+    """Fig. 7: for each alpha and seed (first_seed, first_seed + 1, ...), train a metacontroller on the frozen
+    base model and one jointly with a fresh base model (co-trained); record distortion (action NLL), rate
+    (KL), switch alignment and the point's wall time. With `points_file`, every finished point is saved there
+    at once and skipped when the sweep starts again, so an interrupted sweep resumes."""
     device = next(base.parameters()).device
     seeds = range(first_seed, first_seed + sweep.seeds)
     points = [(co, a, s) for co in (False, True) for a in sweep.alphas for s in seeds]
@@ -2379,15 +2379,16 @@ class Run:
 
     def meta_data(self):
         """What the supervised controllers and the metacontrollers train on: noise-free expert episodes (the
-        paper uses the expert's mean actions). The grid's training set is noise-free already (eps = 0); the
-        ant gets a set of its own, cfg.data.n_meta episodes from a disjoint seed range."""
+        paper uses the expert's mean actions): cfg.data.n_meta episodes of their own from a disjoint seed
+        range (the ant), or else the training set, which must then be noise-free (the grid's default eps = 0)."""
         d = self.cfg.data
-        n = d.n_meta
-        if not n and (d.eps > 0 or d.noise > 0):
+        if d.n_meta:
+            return self._episodes("data_meta", "noise_free.npz", d.n_meta, self.seed * 10**7 + 7 * 10**6)
+        if d.eps > 0 or d.noise > 0:
             raise ValueError(f"DataConfig(eps={d.eps}, noise={d.noise}, n_meta=0): the controllers and "
                              "metacontrollers train on noise-free episodes (App. C.3), and this training set is "
                              "noisy; set n_meta > 0 to give them a noise-free set of their own")
-        return self._episodes("data_meta", "noise_free.npz", n, self.seed * 10**7 + 7 * 10**6) if n else self.data()[0]
+        return self.data()[0]
 
     def base_model(self) -> tuple[BaseModel, dict]:
         """The pretrained base model and its training history (with the gate measured along the way)."""
