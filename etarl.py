@@ -99,9 +99,10 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     (with --seed N, seeds 3N .. 3N+2; Fig. 7's sweep likewise). Raw-action RL finetunes every base-model
     parameter. "Final success" is the median over seeds of the mean batch success over the last quarter
     of a run; the scan's run at the chosen lr is one of those seeds (it also chose the lr, a small upward
-    bias). Each method's random codes and random actions draw from separate generators. The budget
-    matters: on tasks where some episodes succeed, internal RL on the 6,000-step lead learns only over
-    hundreds of thousands of episodes (lab notes, section 5).
+    bias). The PPO surrogate is averaged over all decisions of a batch. Each method's random codes and
+    random actions draw from separate generators. The budget matters: on tasks where some episodes
+    succeed, internal RL on the 6,000-step lead learns only over hundreds of thousands of episodes (lab
+    notes, section 5).
 13. CompILE (baseline 4): boundaries follow a discrete hazard model read causally from o_1:t (segment i
     ends at t with probability sigmoid(l_t) given that it has not ended before) instead of CompILE's
     softmax over the whole sequence, so that internal RL can fire its gate where sigmoid(l_t) > 0.5;
@@ -163,7 +164,7 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     of float32's and its downstream results within their run-to-run spread; with oneDNN held to instruction sets
     without bfloat16 a step took 1.8-13x as long as in float32 (experiments/README.md, section 1), hence off.
 24. Smaller choices the paper leaves open: T5's causal relative-position buckets (16 exact distances, then
-    log-spaced up to 128 steps, beyond which distances share the last bucket); gradients clipped at norm 1
+    16 log-spaced ones up to max_distance = 128 steps, the last also holding every longer distance); gradients clipped at norm 1
     in pretraining and CompILE's training as well (deviations 7 and 11 for the others); the co-trained
     baseline's base model, trained from scratch, also gets Eq. 5's next-observation term (weight lambda)
     besides Eq. 3; PPO's advantage divides by the unbiased standard deviation of the batch's returns.
@@ -1093,8 +1094,8 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 def length_bucketed_batch(by_length: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """Episodes of similar length, so that cutting the batch to its longest episode wastes little compute
-    on padding. The length-sorted order is cut into near-equal buckets of 8 to 16 batches; a uniformly drawn
-    episode picks the bucket (so a bucket is drawn in proportion to its size) and the batch is drawn from it
+    on padding. The length-sorted order is cut into near-equal buckets of 8 to 16 batches (one bucket when
+    there are fewer episodes than 8 batches hold); a uniformly drawn episode picks the bucket (so a bucket is drawn in proportion to its size) and the batch is drawn from it
     without replacement. Every episode is then equally likely to be in a batch (a window sliding over the
     sorted order would draw the shortest and the longest episodes less often)."""
     bounds = np.linspace(0, len(by_length), max(1, len(by_length) // (8 * batch_size)) + 1).astype(np.int64)
@@ -2384,7 +2385,7 @@ class Run:
         d = self.cfg.data
         if d.n_meta:
             return self._episodes("data_meta", "noise_free.npz", d.n_meta, self.seed * 10**7 + 7 * 10**6)
-        if d.eps > 0 or d.noise > 0:
+        if (d.eps if self.env == "grid" else d.noise) > 0:           # what _episodes makes noisy in each world
             raise ValueError(f"DataConfig(eps={d.eps}, noise={d.noise}, n_meta=0): the controllers and "
                              "metacontrollers train on noise-free episodes (App. C.3), and this training set is "
                              "noisy; set n_meta > 0 to give them a noise-free set of their own")
