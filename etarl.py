@@ -66,7 +66,9 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     code is paid for only when it is taken. With all five, gumbel_switch=True, switch_temperature=0.5 and
     batches of 256, the gate switches at the subgoal boundaries after 3,000 steps on 2 of 6 seeds (F1 0.95
     and 0.94; on a CPU 1 of 3, F1 0.97), and after 6,000 steps on both seeds tried (F1 1.00, quasi-binary
-    0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). The cpu
+    0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). Those
+    runs drew their batches by the rule before deviation 5's; with the current rule none of four trainings
+    of 4,000-5,000 steps aligned (F1 0.44-0.57; README, "Results: the grid"). The cpu
     and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to
     keep `python etarl.py` near an hour; 50.5, 62.2 and 71.2 minutes measured on two machines); Fig. 7's sweep
