@@ -165,11 +165,12 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     passed the gate at the same step (9,000) after 13.7 minutes instead of 18.1-19.7, its gate curve within 0.015
     of float32's and its downstream results within their run-to-run spread; with oneDNN held to instruction sets
     without bfloat16 a step took 1.8-13x as long as in float32 (experiments/README.md, section 1), hence off.
-24. Smaller choices the paper leaves open: T5's causal relative-position buckets (16 exact distances, then
-    16 log-spaced ones up to max_distance = 128 steps, the last also holding every longer distance); gradients clipped at norm 1
-    in pretraining and CompILE's training as well (deviations 7 and 11 for the others); the co-trained
-    baseline's base model, trained from scratch, also gets Eq. 5's next-observation term (weight lambda)
-    besides Eq. 3; PPO's advantage divides by the unbiased standard deviation of the batch's returns.
+24. Smaller choices the paper leaves open: T5's causal relative-position buckets (16 exact distances,
+    then 16 log-spaced ones up to max_distance = 128 steps, the last also holding every longer distance);
+    gradients clipped at norm 1 in pretraining and CompILE's training as well (deviations 7 and 11 for the
+    others); the co-trained baseline's base model, trained from scratch, also gets Eq. 5's next-observation
+    term (weight lambda) besides Eq. 3; PPO's advantage divides by the unbiased standard deviation of the
+    batch's returns.
 """
 from __future__ import annotations
 
@@ -1097,9 +1098,9 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 def length_bucketed_batch(by_length: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """Episodes of similar length, so that cutting the batch to its longest episode wastes little compute
     on padding. The length-sorted order is cut into near-equal buckets of 8 to 16 batches (one bucket when
-    there are fewer episodes than 8 batches hold); a uniformly drawn episode picks the bucket (so a bucket is drawn in proportion to its size) and the batch is drawn from it
-    without replacement. Every episode is then equally likely to be in a batch (a window sliding over the
-    sorted order would draw the shortest and the longest episodes less often)."""
+    there are fewer episodes than 8 batches hold); a uniformly drawn episode picks the bucket, and the batch
+    is drawn from that bucket without replacement. Every episode is then equally likely to be in a batch (a
+    window sliding over the sorted order would draw the shortest and the longest episodes less often)."""
     bounds = np.linspace(0, len(by_length), max(1, len(by_length) // (8 * batch_size)) + 1).astype(np.int64)
     k = np.searchsorted(bounds, rng.integers(len(by_length)), side="right") - 1
     size = bounds[k + 1] - bounds[k]

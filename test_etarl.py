@@ -1298,8 +1298,8 @@ def test_rl_seeds_follow_the_runs_seed():
         seeds = used.setdefault(first, [])
         out = etarl.rl_experiment({"internal": lambda: Recorder(seeds)}, parse_task("0-1"), cfg, False, first)
         assert len(out["internal"]["runs"]) == 3
-    run_seed = lambda s: {x // 10**7 for x in s}
-    assert run_seed(used[0]) == {0, 1, 2} and run_seed(used[3]) == {3, 4, 5}
+    rl_seeds = lambda layout_seeds: {x // 10**7 for x in layout_seeds}   # train_rl: seed * 10**7 + ...
+    assert rl_seeds(used[0]) == {0, 1, 2} and rl_seeds(used[3]) == {3, 4, 5}
     assert used[0].count(0) == len(cfg.lrs)                           # the scan: batch 0 of seed 0, once per lr
 
 
