@@ -67,15 +67,16 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     batches of 256, the gate switches at the subgoal boundaries after 3,000 steps on 2 of 6 seeds (F1 0.95
     and 0.94; on a CPU 1 of 3, F1 0.97), and after 6,000 steps on both seeds tried (F1 1.00, quasi-binary
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). Those
-    runs, and the pipeline's aligned ones, drew their batches by the rule before deviation 5's. On the 5539041
-    run's base model that rule's seed 0 aligned again (F1 0.98), while its seeds 3 and 4 and the current
-    rule's seeds 0-2 did not (F1 0.43-0.55); `python etarl.py --seed 1` (the current rule, its own data and base
-    model) aligned exactly (F1 0.9998): whether a training aligns within 5,000 steps depends on its seed's
-    batches and noise (README, "Results: the grid"). The cpu and tiny presets train their metacontroller
-    with kl_delay, kl_warmup, logvar_init, read_norm, kl_per_switch, gumbel_switch and switch_temperature=0.5
-    (ALIGNED; cpu: 5,000 steps x 256, chosen to keep `python etarl.py` near an hour; 50.5, 62.2 and 71.2
-    minutes measured on two machines); Fig. 7's sweep and the forced-switch and co-trained baselines train by
-    Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64). The paper and ant presets keep Eq. 3.
+    runs, and the pipeline's aligned runs before 5539041, drew their batches by the rule before deviation 5's.
+    On the 5539041 run's base model that rule's seed 0 aligned again (F1 0.98), while its seeds 3 and 4 and
+    the current rule's seeds 0-2 did not (F1 0.43-0.55); `python etarl.py --seed 1` (the current rule's seed
+    1 again, on its own data and base model, so with other batches) aligned exactly (F1 0.9998): whether a
+    training aligns within 5,000 steps depends on its seed's batches and noise (README, "Results: the grid").
+    The cpu and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
+    kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to keep
+    `python etarl.py` near an hour; 50.5-71.2 minutes measured on two machines); Fig. 7's sweep and the
+    forced-switch and co-trained baselines train by Eq. 3 as stated (Preset.meta_eq3: cpu 1,500 steps x 64).
+    The paper and ant presets keep Eq. 3.
  8. Switch evaluation: switches are beta > 0.5. F1 compares switches at t > 0 with the true boundaries
     (steps where the expert starts a new colour pair), matched one-to-one within +-1 step, as many pairs as
     possible; switch counts include t = 0 and are compared with the number of subgoals per episode. Code
