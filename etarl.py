@@ -68,12 +68,10 @@ Deviations and choices (where the paper is silent or where we differ; also liste
     and 0.94; on a CPU 1 of 3, F1 0.97), and after 6,000 steps on both seeds tried (F1 1.00, quasi-binary
     0.9999), but the codes carry nothing about which subgoal (experiments/README.md, section 3). Those
     runs, and the pipeline's aligned runs before 5539041, drew their batches by the rule before deviation 5's.
-    On the 5539041 run's base model that rule's seed 0 aligned again (F1 0.98), while its seeds 3 and 4 and
-    the current rule's seeds 0-2 did not (F1 0.43-0.55); `python etarl.py --seed 1` (the current rule's seed
-    1 again, on its own data and base model, so with other batches) aligned exactly (F1 0.9998), and so did
-    the metacontroller's seed 0 on that base model (F1 0.999 after 4,000 steps): whether a training aligns
-    within 5,000 steps depends on the base model with its data and on its seed's batches and noise (README,
-    "Results: the grid").
+    Whether a training aligns within 5,000 steps depends above all on the base model: with the same
+    batches, noise draws and initial weights, seed 1's base model aligned (F1 0.993) where the 5539041 run's
+    did not (0.44); with the current rule 3 of 7 trainings aligned, all on seed 1's base model, among them
+    `python etarl.py --seed 1` (F1 0.9998; README, "Results: the grid").
     The cpu and tiny presets train their metacontroller with kl_delay, kl_warmup, logvar_init, read_norm,
     kl_per_switch, gumbel_switch and switch_temperature=0.5 (ALIGNED; cpu: 5,000 steps x 256, chosen to keep
     `python etarl.py` near an hour; 50.5-71.2 minutes measured on two machines); Fig. 7's sweep and the
